@@ -1,0 +1,43 @@
+"""Typed errors raised at the SDK's public boundary.
+
+Every message says what was received, what was expected and how to fix it, so a
+device app can show it (or log it) without a traceback from deep inside OpenCV or
+ONNX Runtime.
+"""
+from __future__ import annotations
+
+
+class EdgeDermError(Exception):
+    """Base class of every error the SDK raises on purpose."""
+
+
+class InputError(EdgeDermError, ValueError):
+    """A caller passed something the model cannot take (image, metadata, option)."""
+
+
+class ImageDecodeError(InputError):
+    """An image file could not be read; names the file and the problem."""
+
+    def __init__(self, path: object, problem: str, fix: str = "") -> None:
+        self.path = str(path)
+        self.problem = problem
+        message = f"cannot read image {self.path!r}: {problem}"
+        if fix:
+            message += f"; {fix}"
+        super().__init__(message)
+
+
+class BundleError(EdgeDermError):
+    """A bundle is missing, malformed, or was written by an incompatible SDK."""
+
+
+class BundleIntegrityError(BundleError):
+    """A bundle file does not match its manifest (hash, path, size)."""
+
+
+class MissingDependencyError(EdgeDermError, ImportError):
+    """An optional package is needed for this call and is not installed."""
+
+
+class MemoryBudgetError(EdgeDermError):
+    """The requested memory budget cannot be met by the model and tile plan."""

@@ -1,0 +1,48 @@
+"""One lazy-import helper for optional, heavy packages.
+
+tensorrt, cuda-python, onnxruntime-gpu, torch_tensorrt and modelopt are optional:
+the SDK must import and run the embedded default (ONNX Runtime on CPU) without
+them. Modules call :func:`optional_import` at the point of use, so a missing
+package fails with an install hint on first use instead of at ``import edgederm``.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import MissingDependencyError
+
+# What to tell the user for each optional package (import name -> install hint).
+INSTALL_HINTS = {
+    "onnxruntime": "pip install onnxruntime  (Jetson: NVIDIA's onnxruntime-gpu build)",
+    "tensorrt": "install TensorRT 8.5+ or 10.x (JetPack ships it; desktop: pip install 'edgederm[tensorrt]')",
+    "cuda": "pip install cuda-python",
+    "torch": "pip install 'edgederm[train]'",
+    "onnx": "pip install 'edgederm[export]'",
+    "safetensors": "pip install 'edgederm[train]'",
+    "torch_tensorrt": "pip install torch-tensorrt (matching your torch build)",
+    "modelopt": "pip install nvidia-modelopt",
+    "matplotlib": "pip install matplotlib",
+}
+
+
+def optional_import(name: str, purpose: str = "") -> ModuleType:
+    """Import ``name`` or raise :class:`MissingDependencyError` with an install hint."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        root = name.split(".")[0]
+        hint = INSTALL_HINTS.get(root, f"pip install {root}")
+        why = f" (needed for {purpose})" if purpose else ""
+        raise MissingDependencyError(
+            f"optional package {name!r} is not installed{why}: {exc}. Fix: {hint}"
+        ) from exc
+
+
+def is_available(name: str) -> bool:
+    """True when ``name`` imports; never raises."""
+    try:
+        importlib.import_module(name)
+    except Exception:
+        return False
+    return True
