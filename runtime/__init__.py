@@ -1,0 +1,17 @@
+"""On-device runtime: ``load(bundle).predict(...)``. numpy, OpenCV, ONNX Runtime; never torch."""
+from .errors import (
+    BundleError,
+    BundleIntegrityError,
+    EdgeDermError,
+    ImageDecodeError,
+    InputError,
+    MemoryBudgetError,
+    MissingDependencyError,
+)
+from .model import DeployedModel, load
+from .result import Result
+
+__all__ = [
+    "load", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
+    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError",
+]

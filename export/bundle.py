@@ -1,0 +1,173 @@
+"""Write a bundle from an in-memory torch model: ``export_bundle(model, out_dir)``.
+
+All-or-nothing: graphs and the manifest are written into a hidden staging folder
+next to ``out_dir`` and the folder is renamed into place only after every stage has
+exported and passed its parity check. An interrupted export leaves no bundle that
+loads (at most a ``.<name>.partial-*`` folder, removed by the next export).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+import edgederm
+from edgederm.models.base import EdgeDermModel
+from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from edgederm.runtime.preprocess import PreprocessConfig
+
+from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
+
+log = logging.getLogger(__name__)
+
+
+def default_preprocess(model: EdgeDermModel) -> PreprocessConfig:
+    """Resize to the model's input size; mean/std 0.5 (HiFuse's training recipe)."""
+    return PreprocessConfig(input_size=tuple(model.input_size))  # type: ignore[arg-type]
+
+
+def _tensor_spec(name: str, shape: tuple[int, ...], dtype: str, dynamic: dict[int, str]) -> dict[str, Any]:
+    return {"name": name, "shape": [dynamic.get(i, d) for i, d in enumerate(shape)], "dtype": dtype}
+
+
+def graph_entry(path: Path, root: Path) -> dict[str, Any]:
+    return {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path)}
+
+
+def file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every regular file in the bundle except the manifest."""
+    table = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST and not path.name.startswith("."):
+            rel = path.relative_to(root).as_posix()
+            table[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return table
+
+
+def export_bundle(
+    model: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    preprocess: PreprocessConfig | None = None,
+    clinical: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Export every stage of ``model`` to ONNX and write a verified bundle to ``out_dir``.
+
+    ``verify`` runs ONNX Runtime against torch at batch 1 and 5 for each stage and
+    refuses (ExportError) a graph whose relative error exceeds ``rtol``.
+    """
+    if not isinstance(model, EdgeDermModel):
+        raise ExportError(
+            f"export_bundle takes an EdgeDerm model (edgederm.models.create_model), got {type(model).__name__}; "
+            "wrap your module in a subclass of edgederm.models.EdgeDermModel that declares task, input size and export_stages()"
+        )
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    say = progress or (lambda msg: log.info(msg))
+    model = model.eval()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        stages_json = []
+        parity: dict[str, dict] = {}
+        for stage in model.export_stages():
+            say(f"exporting stage {stage.name} (opset {opset})")
+            path = export_stage_onnx(stage, staging / f"{stage.name}.fp32.onnx", opset=opset)
+            if verify:
+                report: ParityReport = check_parity(stage, path, rtol=rtol)
+                say(f"  parity vs torch: max rel diff {report.max_rel_diff:.2e} (batch {report.batch_sizes}, rtol {rtol:g})")
+                if not report.passed:
+                    raise ExportError(
+                        f"stage {stage.name!r}: ONNX Runtime differs from torch by {report.max_rel_diff:.3e} relative "
+                        f"(limit {rtol:g}); the graph was not bundled"
+                    )
+                parity[stage.name] = report.to_dict()
+            example = stage.module(*stage.inputs.values())
+            outs = [example] if not isinstance(example, (tuple, list)) else list(example)
+            stages_json.append({
+                "name": stage.name,
+                "inputs": [
+                    _tensor_spec(n, tuple(t.shape), str(t.dtype).replace("torch.", ""), stage.dynamic_axes.get(n, {}))
+                    | {"source": "image" if n in stage.image_inputs else n}
+                    for n, t in stage.inputs.items()
+                ],
+                "outputs": [_tensor_spec(n, tuple(o.shape), "float32", {0: "batch"}) for n, o in zip(stage.outputs, outs)],
+                "graphs": {"fp32": graph_entry(path, staging)},
+            })
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "sdk_version": edgederm.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {
+                "name": getattr(model, "model_name", type(model).__name__),
+                "architecture": type(model).__name__,
+                "kwargs": _jsonable(getattr(model, "model_kwargs", {})),
+                "task": model.task,
+                "modalities": list(model.modalities),
+                "class_names": list(model.class_names),
+                "input_size": list(model.input_size),
+                "metadata_schema": getattr(model, "metadata_schema", None),
+            },
+            "preprocess": (preprocess or default_preprocess(model)).to_dict(),
+            "stages": stages_json,
+            "export": {"exporter": "torch.onnx dynamo", "opset": opset, "torch": _torch_version(), "parity": parity},
+            "tiling": getattr(model, "tiling", None),
+            "calibration": None,
+            "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
+            **(extra or {}),
+            "files": file_table(staging),
+        }
+        write_json_atomic(staging / MANIFEST, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    say(f"bundle written to {out}")
+    return out
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def model_from_checkpoint_or_name(source: str) -> tuple[EdgeDermModel, PreprocessConfig | None, dict[str, Any] | None]:
+    """A checkpoint folder (trained weights) or a registered name (random weights)."""
+    from edgederm.checkpoint import load_checkpoint
+    from edgederm.models import create_model
+
+    if Path(source).is_dir():
+        model, config = load_checkpoint(source)
+        preprocess = PreprocessConfig.from_dict(config["preprocess"]) if config.get("preprocess") else None
+        return model, preprocess, config.get("clinical")
+    log.warning("%s is not a checkpoint folder; exporting registered model %r with random weights", source, source)
+    return create_model(source), None, None

@@ -1,0 +1,70 @@
+"""ONNX Runtime backend: CPU (the embedded default), CUDA or TensorRT providers.
+
+Sessions are set up for predictable memory on a device that shares DRAM between
+CPU and GPU: a fixed number of threads (default 2, the device's big cores), the
+memory-pattern planner on (shapes repeat tile after tile), and the CPU arena on
+with ``kSameAsRequested`` growth so it does not double its reservation.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..optional import optional_import
+from .base import Backend, TensorInfo
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def available_providers() -> list[str]:
+    ort = optional_import("onnxruntime", "the ONNX Runtime backend")
+    return list(ort.get_available_providers())
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        graph: str | os.PathLike[str],
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        optimized_cache: str | os.PathLike[str] | None = None,
+    ) -> None:
+        ort = optional_import("onnxruntime", "the ONNX Runtime backend")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.enable_mem_pattern = True
+        options.enable_cpu_mem_arena = True
+        options.add_session_config_entry("session.use_env_allocators", "0")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized_cache is not None:
+            # ORT writes the optimised graph once; later starts load it directly.
+            options.optimized_model_filepath = str(optimized_cache)
+        providers = providers or ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(Path(graph)), options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else self.providers[0]
+        self._inputs = [TensorInfo(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
+        self._outputs = [TensorInfo(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self._outputs]
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._outputs
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self._output_names, feed)
+        return dict(zip(self._output_names, results))
