@@ -103,7 +103,7 @@ def export_bundle(
                 "name": stage.name,
                 "inputs": [
                     _tensor_spec(n, tuple(t.shape), str(t.dtype).replace("torch.", ""), stage.dynamic_axes.get(n, {}))
-                    | {"source": "image" if n in stage.image_inputs else n}
+                    | {"source": stage.sources[n]}
                     for n, t in stage.inputs.items()
                 ],
                 "outputs": [_tensor_spec(n, tuple(o.shape), "float32", {0: "batch"}) for n, o in zip(stage.outputs, outs)],

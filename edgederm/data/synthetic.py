@@ -87,6 +87,7 @@ NEVUS, MELANOMA, VASCULAR = 0, 1, 2
 
 # Long side, in pixels, at which the smooth fields are rendered before resizing up.
 _SMOOTH_MAX_SIDE = 512
+_SMOOTH_MIN_SHORT_SIDE = 128
 # Number of vertices of the lesion outline (enough for the jagged melanoma harmonics).
 _OUTLINE_VERTICES = 360
 _N_HARMONICS = 24
@@ -114,8 +115,8 @@ _NEVUS_DARK = np.array((108, 66, 42), np.float32)
 _MEL_LIGHT_BROWN = np.array((178, 128, 92), np.float32)
 _MEL_DARK_BROWN = np.array((96, 56, 36), np.float32)
 _MEL_BLACK = np.array((44, 32, 30), np.float32)
-_MEL_GREY = np.array((138, 134, 146), np.float32)
-_MEL_BLUE_WHITE = np.array((118, 146, 184), np.float32)
+_MEL_GREY = np.array((124, 120, 132), np.float32)
+_MEL_BLUE_WHITE = np.array((126, 150, 182), np.float32)
 _VASC_PINK = np.array((206, 104, 102), np.float32)
 _VASC_PURPLE = np.array((172, 68, 86), np.float32)
 _LACUNA_RED = np.array((192, 36, 50), np.float32)
@@ -213,16 +214,22 @@ def _check_seed(seed: Any) -> int:
 
 # --------------------------------------------------------------------------- helpers
 
+_THETA = np.linspace(0.0, 2 * math.pi, _OUTLINE_VERTICES, endpoint=False)
+_HAIR_T = np.linspace(-0.5, 0.5, 25)
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1
+
 
 def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    """Hermite step from 0 at ``edge0`` to 1 at ``edge1`` (either order)."""
+    """Hermite step from 0 at ``edge0`` to 1 at ``edge1`` (either order); new array."""
     t = (x - np.float32(edge0)) * np.float32(1.0 / (edge1 - edge0))
     np.clip(t, 0.0, 1.0, out=t)
     return t * t * (np.float32(3.0) - np.float32(2.0) * t)
 
 
 def _grid(rng: np.random.Generator, n: int) -> np.ndarray:
-    """An n x n grid of standard normal values: the seed of a smooth random field."""
+    """An n x n grid of standard normal values: the seed of a smooth random field.
+
+    Its shape never depends on the image size, so the stream stays aligned."""
     return rng.standard_normal((n, n), dtype=np.float32)
 
 
@@ -231,9 +238,18 @@ def _field(grid: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
-def _lerp_rgb(base: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> None:
-    """In place: base += weight * (colour - base), colour an RGB triple."""
-    base += weight[..., None] * (colour - base)
+def _lerp_planes(planes: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> None:
+    """In place on a 3 x H x W image: planes += weight * (colour - planes).
+
+    Planar layout on purpose: broadcasting over a trailing axis of 3 is ~10x slower."""
+    tmp = colour.astype(np.float32)[:, None, None] - planes
+    tmp *= weight
+    planes += tmp
+
+
+def _outline_radius(outline: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Lesion radius (units of s) at the given angles, from the tabulated outline."""
+    return np.interp(angles, _THETA, outline, period=2 * math.pi)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -243,29 +259,34 @@ def _lerp_rgb(base: np.ndarray, colour: np.ndarray, weight: np.ndarray) -> None:
 class _Plan:
     """Every random decision for one case, in resolution-independent units.
 
-    Lengths are fractions of s = min(height, width); the lesion centre is an offset
-    from the image centre in the same unit.
+    Positions are offsets from the lesion centre and lengths are fractions of
+    s = min(height, width); the lesion centre is an offset from the image centre in
+    the same unit. Nothing here depends on the image size.
     """
 
     label: int
     tone: int
     metadata: dict
     skin_rgb: np.ndarray
-    centre: tuple[float, float]  # (x, y) offset from the image centre, units of s
-    radius: float  # mean lesion radius, units of s
-    outline: np.ndarray  # radius (units of s) at _OUTLINE_VERTICES angles
-    edge_width: np.ndarray  # soft edge width per outline angle, units of s
-    grids: dict
-    params: dict
+    centre: tuple[float, float]
+    radius: float  # root-mean-square lesion radius
+    outline: np.ndarray  # radius at the angles _THETA
+    edge_width: np.ndarray  # width of the soft edge at the angles _THETA
+    grids: dict  # name -> small random grid (a smooth field once resized)
+    params: dict  # scalars per class
+    streaks: list  # melanoma: polygons (k x 2), in lesion coordinates
+    dots: np.ndarray  # melanoma: rows (u, v, radius, light)
+    lacunae: list  # vascular: (u, v, radius, rgb)
+    hairs: list  # (curve (25 x 2) around the lesion centre, thickness, light)
 
 
 def _draw_plan(rng: np.random.Generator, label: int | None) -> _Plan:
-    drawn_label = int(rng.integers(len(CLASS_NAMES)))  # drawn always: keeps the stream aligned
+    drawn_label = int(rng.integers(len(CLASS_NAMES)))  # always drawn: keeps the stream aligned
     label = drawn_label if label is None else label
 
     tone = int(rng.integers(1, 7))
-    skin_rgb = _SKIN_RGB[tone - 1] * (1.0 + 0.035 * rng.standard_normal(3)).astype(np.float32)
-    skin_rgb *= np.float32(1.0 + 0.05 * rng.standard_normal())
+    skin_rgb = _SKIN_RGB[tone - 1] * (1.0 + 0.035 * rng.standard_normal(3))
+    skin_rgb *= 1.0 + 0.05 * rng.standard_normal()
 
     mean_age, sd_age, p_male, p_site = _META[label]
     metadata = {
@@ -275,7 +296,7 @@ def _draw_plan(rng: np.random.Generator, label: int | None) -> _Plan:
         "skin_tone": tone,
     }
 
-    # Outline: ellipse times a harmonic perturbation whose strength is the class cue.
+    # Outline: an ellipse times a harmonic perturbation whose strength is a class cue.
     jitter = rng.uniform(-0.05, 0.05, 2)
     diameter = rng.uniform(0.27, 0.6)
     aspect = {NEVUS: (0.72, 1.0), MELANOMA: (0.62, 1.0), VASCULAR: (0.7, 1.0)}[label]
@@ -287,140 +308,117 @@ def _draw_plan(rng: np.random.Generator, label: int | None) -> _Plan:
     if label == NEVUS:
         envelope = np.where((k >= 2) & (k <= 4), 0.03, 0.0)
     elif label == MELANOMA:
-        envelope = np.where(
-            (k >= 2) & (k <= 7), 0.16 / np.sqrt(np.maximum(k - 1, 1)), 0.0
-        ) + np.where(k >= 8, 0.022, 0.0)
+        envelope = np.where((k >= 2) & (k <= 7), 0.16 / np.sqrt(np.maximum(k - 1, 1)), 0.0)
+        envelope = envelope + np.where(k >= 8, 0.022, 0.0)
     else:
         envelope = np.where((k >= 2) & (k <= 5), 0.05, 0.0)
-    theta = np.linspace(0, 2 * math.pi, _OUTLINE_VERTICES, endpoint=False)
     ellipse = 1.0 / np.sqrt(
-        (np.cos(theta - tilt) * math.sqrt(q)) ** 2 + (np.sin(theta - tilt) / math.sqrt(q)) ** 2
+        (np.cos(_THETA - tilt) * math.sqrt(q)) ** 2 + (np.sin(_THETA - tilt) / math.sqrt(q)) ** 2
     )
-    wobble = 1.0 + (envelope * amps)[None, :] @ np.cos(np.outer(k, theta) + phases[:, None])
-    shape = ellipse * wobble[0]
-    shape /= math.sqrt(np.mean(shape**2))  # unit mean-square radius: area set by diameter
-    radius = diameter / 2
+    wobble = 1.0 + (envelope * amps) @ np.cos(np.outer(k, _THETA) + phases[:, None])
+    shape = ellipse * wobble
+    shape /= math.sqrt(np.mean(shape**2))  # unit mean-square radius: the area is set by diameter
+    reach = 1.3 if label == MELANOMA else 1.0  # streak tips reach 1.3 x the local radius
+    # Keep the whole lesion inside the frame.
+    radius = min(diameter / 2, (0.47 - np.abs(jitter).max()) / (reach * shape.max()))
+    outline = shape * radius
 
     params: dict = {}
-    grids: dict = {
-        "shade": _grid(rng, 4),
-        "mottle": _grid(rng, 36),
-        "tone": _grid(rng, 9),
-    }
-    edge_phase = rng.uniform(0, 2 * math.pi)
+    grids: dict = {"shade": _grid(rng, 4), "mottle": _grid(rng, 36), "tone": _grid(rng, 9)}
+    streaks: list = []
+    dots = np.zeros((0, 4))
+    lacunae: list = []
 
     if label == NEVUS:
         params["colour"] = _NEVUS_LIGHT + rng.random() * (_NEVUS_DARK - _NEVUS_LIGHT)
         params["centre_dark"] = rng.uniform(-0.05, 0.2)
-        params["net_strength"] = rng.uniform(0.3, 0.45)
-        params["net_cell"] = rng.uniform(0.028, 0.04)
-        params["net_threshold"] = rng.uniform(0.1, 0.45)
-        params["net_warp"] = 0.15
-        params["net_angle"] = rng.uniform(0, math.pi)
-        params["net_phase"] = rng.uniform(0, 2 * math.pi, 3)
-        grids["warp_x"], grids["warp_y"] = _grid(rng, 10), _grid(rng, 10)
+        params["net"] = dict(
+            strength=rng.uniform(0.3, 0.45), cell=rng.uniform(0.024, 0.034),
+            threshold=rng.uniform(-0.8, -0.5), warp=0.3, angle=rng.uniform(0, math.pi),
+            offset=rng.uniform(0, 1, 2),
+        )
+        grids["warp_x"], grids["warp_y"] = _grid(rng, 12), _grid(rng, 12)
         edge_width = np.full(_OUTLINE_VERTICES, 0.02)
     elif label == MELANOMA:
         params["asym_angle"] = rng.uniform(0, 2 * math.pi)
         grids["dark"], grids["black"], grids["grey"] = _grid(rng, 9), _grid(rng, 9), _grid(rng, 9)
-        # Blue-white veil: an ellipse off-centre inside the lesion.
-        v_dir = rng.uniform(0, 2 * math.pi)
-        v_dist = rng.uniform(0.05, 0.45)
-        params["veil"] = (
-            v_dist * math.cos(v_dir),
-            v_dist * math.sin(v_dir),
-            rng.uniform(0.3, 0.5),
-            rng.uniform(0.22, 0.4),
-            rng.uniform(0, math.pi),
-            rng.uniform(0.7, 0.9),
+        v_dir, v_dist = rng.uniform(0, 2 * math.pi), rng.uniform(0.05, 0.45)
+        params["veil"] = (  # an off-centre ellipse, in units of the lesion radius
+            v_dist * math.cos(v_dir), v_dist * math.sin(v_dir), rng.uniform(0.38, 0.6),
+            rng.uniform(0.28, 0.45), rng.uniform(0, math.pi), rng.uniform(0.6, 0.85),
         )
-        # Streaks: 1-2 sectors of the periphery.
-        n_sectors = int(rng.integers(1, 3))
-        sector_angles = rng.uniform(0, 2 * math.pi, n_sectors)
-        n_streaks = int(rng.integers(5, 15))
-        params["streaks"] = [
-            (
-                sector_angles[int(rng.integers(n_sectors))] + rng.uniform(-0.6, 0.6),
-                rng.uniform(0.72, 0.85),  # start, fraction of the local radius
-                rng.uniform(1.08, 1.3),  # tip, fraction of the local radius
-                rng.uniform(0.02, 0.04),  # base width, units of lesion radius * 2
-            )
-            for _ in range(n_streaks)
-        ]
+        grids["veil"] = _grid(rng, 12)  # a veil is cloudy, not a disc
+        # Streaks in one or two sectors of the periphery: tapered, with a small bulb.
+        sectors = rng.uniform(0, 2 * math.pi, int(rng.integers(1, 3)))
+        for _ in range(int(rng.integers(5, 15))):
+            angle = sectors[int(rng.integers(len(sectors)))] + rng.uniform(-0.6, 0.6)
+            start, tip = rng.uniform(0.72, 0.85), rng.uniform(1.08, 1.3)
+            half = rng.uniform(0.02, 0.04) * radius
+            r_local = float(_outline_radius(outline, np.array([angle]))[0])
+            along = np.array([start, start, 0.93 * tip, tip, 0.93 * tip]) * r_local
+            across = np.array([-half, half, 0.55 * half, 0.0, -0.55 * half])
+            ca, sa = math.cos(angle), math.sin(angle)
+            streaks.append(np.stack([along * ca - across * sa, along * sa + across * ca], axis=1))
         # Irregular black dots, crowded in one sector.
         dot_sector = rng.uniform(0, 2 * math.pi)
         n_dots = int(rng.integers(4, 17))
-        params["dots"] = [
-            (
-                dot_sector + rng.normal(0, 0.8),
-                rng.uniform(0.45, 0.92),
-                rng.uniform(0.006, 0.014),
-                rng.uniform(0.25, 0.45),
-            )
-            for _ in range(n_dots)
-        ]
-        params["net_strength"] = rng.uniform(0.45, 0.65)
-        params["net_cell"] = rng.uniform(0.03, 0.05)
-        params["net_threshold"] = rng.uniform(0.3, 0.7)
-        params["net_warp"] = 0.7
-        params["net_angle"] = rng.uniform(0, math.pi)
-        params["net_phase"] = rng.uniform(0, 2 * math.pi, 3)
+        angle = dot_sector + rng.normal(0, 0.8, n_dots)
+        dist = rng.uniform(0.45, 0.92, n_dots) * _outline_radius(outline, angle)
+        dots = np.stack([dist * np.cos(angle), dist * np.sin(angle),
+                         rng.uniform(0.006, 0.014, n_dots), rng.uniform(0.25, 0.45, n_dots)], axis=1)
+        params["net"] = dict(
+            strength=rng.uniform(0.45, 0.65), cell=rng.uniform(0.03, 0.05),
+            threshold=rng.uniform(-0.5, 0.0), warp=0.8, angle=rng.uniform(0, math.pi),
+            offset=rng.uniform(0, 1, 2),
+        )
         grids["warp_x"], grids["warp_y"] = _grid(rng, 14), _grid(rng, 14)
         grids["net_patch"], grids["net_thick"] = _grid(rng, 8), _grid(rng, 10)
         # Abrupt in places, fuzzy in others.
-        edge_width = 0.004 + 0.012 * (0.5 + 0.5 * np.cos(theta - edge_phase)) ** 2
+        edge_phase = rng.uniform(0, 2 * math.pi)
+        edge_width = 0.004 + 0.012 * (0.5 + 0.5 * np.cos(_THETA - edge_phase)) ** 2
     else:
         params["colour"] = _VASC_PINK + rng.random() * (_VASC_PURPLE - _VASC_PINK)
-        n_lacunae = int(rng.integers(8, 23))
-        lacunae = []
-        for _ in range(n_lacunae):
-            r_frac = rng.uniform(0.12, 0.3)  # of the lesion radius
+        gain = _VESSEL_GAIN[tone - 1]
+        for _ in range(int(rng.integers(10, 28))):
+            r_lac = rng.uniform(0.09, 0.24) * radius
             angle = rng.uniform(0, 2 * math.pi)
-            dist = math.sqrt(rng.random())
+            r_local = float(_outline_radius(outline, np.array([angle]))[0])
+            dist = math.sqrt(rng.random()) * max(0.0, 0.88 * r_local - r_lac)
             tint = rng.random()
-            purple = rng.random() < 0.2
-            lacunae.append((angle, dist, r_frac, tint, purple))
-        params["lacunae"] = lacunae
+            if rng.random() < 0.2:
+                rgb = _LACUNA_PURPLE
+            else:
+                rgb = _LACUNA_RED + tint * (_LACUNA_DARK - _LACUNA_RED)
+            lacunae.append((dist * math.cos(angle), dist * math.sin(angle), r_lac, rgb * gain))
         edge_width = np.full(_OUTLINE_VERTICES, 0.005)
 
     # Hair: often none, otherwise a few dark curves crossing the field.
-    n_hair = 0 if rng.random() < 0.35 else int(rng.integers(1, 13))
-    params["hair"] = [
-        (
-            rng.uniform(-0.6, 0.6, 2),  # a point the hair passes through (units of s from centre)
-            rng.uniform(0, math.pi),  # direction
-            rng.uniform(0.35, 1.3),  # length
-            rng.uniform(-0.25, 0.25),  # bend (control point offset / length)
-            rng.uniform(0.0018, 0.0045),  # thickness
-            rng.uniform(0.15, 0.45),  # how much light the hair lets through
-        )
-        for _ in range(n_hair)
-    ]
+    hairs = []
+    for _ in range(0 if rng.random() < 0.35 else int(rng.integers(1, 13))):
+        through = rng.uniform(-0.6, 0.6, 2)
+        direction, length = rng.uniform(0, math.pi), rng.uniform(0.35, 1.3)
+        bend = rng.uniform(-0.25, 0.25)
+        thickness, light = rng.uniform(0.0018, 0.0045), rng.uniform(0.15, 0.45)
+        d = np.array([math.cos(direction), math.sin(direction)])
+        n = np.array([-d[1], d[0]])
+        curve = (through[None, :] + (_HAIR_T * length)[:, None] * d
+                 + ((0.25 - _HAIR_T**2) * 4 * bend * length)[:, None] * n)
+        hairs.append((curve - jitter[None, :], thickness, light))  # lesion coordinates
+
     has_vignette = rng.random() > 0.25
     params["vignette"] = (
-        rng.uniform(0.92, 1.35),  # radius, units of s/2
+        rng.uniform(0.92, 1.35),  # radius, units of s/2 around the image centre
         rng.uniform(0.85, 1.0) if has_vignette else 0.0,  # depth of the dark border
         rng.uniform(0.04, 0.1),  # softness
     )
     params["noise_sigma"] = rng.uniform(1.0, 3.0)
     params["jpeg_quality"] = int(rng.integers(70, 96))
 
-    # Keep the lesion (streaks included) inside the frame.
-    reach = 1.3 if label == MELANOMA else 1.0
-    limit = 0.47 - max(abs(jitter[0]), abs(jitter[1]))
-    radius = min(radius, limit / (reach * float(shape.max())))
-
     return _Plan(
-        label=label,
-        tone=tone,
-        metadata=metadata,
-        skin_rgb=skin_rgb.astype(np.float32),
-        centre=(float(jitter[0]), float(jitter[1])),
-        radius=float(radius),
-        outline=(shape * radius).astype(np.float64),
-        edge_width=np.asarray(edge_width, dtype=np.float64),
-        grids=grids,
-        params=params,
+        label=label, tone=tone, metadata=metadata, skin_rgb=skin_rgb.astype(np.float32),
+        centre=(float(jitter[0]), float(jitter[1])), radius=float(radius), outline=outline,
+        edge_width=np.asarray(edge_width, dtype=np.float64), grids=grids, params=params,
+        streaks=streaks, dots=dots, lacunae=lacunae, hairs=hairs,
     )
 
 
@@ -428,288 +426,253 @@ def _draw_plan(rng: np.random.Generator, label: int | None) -> _Plan:
 
 
 class _Frame:
-    """Maps resolution-independent units (fractions of s around the lesion) to pixels."""
+    """Maps lesion coordinates (units of s around the lesion centre) to pixels.
+
+    Continuous pixel coordinates: pixel i covers [i, i + 1), its centre is i + 0.5.
+    """
 
     def __init__(self, plan: _Plan, height: int, width: int) -> None:
         self.height, self.width = height, width
         self.s = float(min(height, width))
-        # Continuous pixel coordinates: pixel i covers [i, i + 1).
         self.cx = width / 2 + plan.centre[0] * self.s
         self.cy = height / 2 + plan.centre[1] * self.s
 
-    def to_px(self, u: np.ndarray | float, v: np.ndarray | float) -> tuple[Any, Any]:
-        return self.cx + np.multiply(u, self.s), self.cy + np.multiply(v, self.s)
-
-
-def _outline_radius(plan: _Plan, angles: np.ndarray) -> np.ndarray:
-    table = np.linspace(0, 2 * math.pi, _OUTLINE_VERTICES, endpoint=False)
-    return np.interp(angles, table, plan.outline, period=2 * math.pi)
+    def fixed_point(self, uv: np.ndarray) -> np.ndarray:
+        """Lesion coordinates (k x 2) -> OpenCV drawing coordinates with shift=4."""
+        x = (self.cx - 0.5) + uv[..., 0] * self.s
+        y = (self.cy - 0.5) + uv[..., 1] * self.s
+        return np.round(np.stack([x, y], axis=-1) * 16).astype(np.int32)
 
 
 def _render_smooth(plan: _Plan, frame: _Frame, gh: int, gw: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The low-frequency picture at gh x gw: skin, lesion colours, edge, veil, streaks,
-    vignette. Returns (RGB float32 image, network strength field or None)."""
+    """The low-frequency picture, 3 x gh x gw: skin, lesion colours and edge, veil,
+    streaks, vignette. Also returns the pigment network's strength field (or None)."""
     p, g = plan.params, plan.grids
     H, W, s = frame.height, frame.width, frame.s
-    # Normalised coordinates (units of s) of the smooth-grid pixel centres.
-    xs = (((np.arange(gw, dtype=np.float32) + 0.5) * (W / gw)) - frame.cx) / s
-    ys = (((np.arange(gh, dtype=np.float32) + 0.5) * (H / gh)) - frame.cy) / s
-    dx = np.broadcast_to(xs[None, :], (gh, gw))
-    dy = np.broadcast_to(ys[:, None], (gh, gw))
+    # Lesion coordinates of the pixel centres of the gh x gw grid.
+    xs = ((np.arange(gw, dtype=np.float32) + np.float32(0.5)) * np.float32(W / gw) - np.float32(frame.cx)) / np.float32(s)
+    ys = ((np.arange(gh, dtype=np.float32) + np.float32(0.5)) * np.float32(H / gh) - np.float32(frame.cy)) / np.float32(s)
+    dx, dy = xs[None, :], ys[:, None]
     r = np.hypot(dx, dy)
     angle = np.arctan2(dy, dx)
-    r_edge = _outline_radius(plan, angle).astype(np.float32)
-    w_edge = np.interp(
-        angle, np.linspace(0, 2 * math.pi, _OUTLINE_VERTICES, endpoint=False), plan.edge_width,
-        period=2 * math.pi,
-    ).astype(np.float32)
+    r_edge = _outline_radius(plan.outline, angle).astype(np.float32)
+    w_edge = np.interp(angle, _THETA, plan.edge_width, period=2 * math.pi).astype(np.float32)
     rho = r / r_edge  # 0 at the centre, 1 on the border
-    alpha = np.clip((r_edge - r) / w_edge + np.float32(0.5), 0.0, 1.0)
+    alpha = r_edge - r
+    alpha /= w_edge
+    alpha += np.float32(0.5)
+    np.clip(alpha, 0.0, 1.0, out=alpha)
 
-    # Skin: colour, low-frequency shading and mottled texture.
+    # Skin: colour, low-frequency shading, mottled texture.
     shade = _field(g["shade"], gw, gh)
     shade *= np.float32(0.06)
-    mottle = _field(g["mottle"], gw, gh)
-    shade += np.float32(0.025) * mottle
+    shade += np.float32(0.025) * _field(g["mottle"], gw, gh)
     shade += np.float32(1.0)
-    img = shade[..., None] * plan.skin_rgb
+    img = plan.skin_rgb[:, None, None] * shade
 
     tone_idx = plan.tone - 1
-    lesion_var = _field(g["tone"], gw, gh)
+    variation = _field(g["tone"], gw, gh)
     net_strength = None
     if plan.label == NEVUS:
-        colour = p["colour"] * _PIGMENT_GAIN[tone_idx]
-        gain = np.float32(1.0) + np.float32(0.05) * lesion_var
-        gain -= np.float32(p["centre_dark"]) * np.clip(1.0 - rho * rho, 0.0, 1.0)
-        lesion = gain[..., None] * colour
-        net_strength = np.float32(p["net_strength"]) * alpha * _smoothstep(1.0, 0.65, rho)
+        gain = np.float32(1.0) + np.float32(0.05) * variation
+        gain -= np.float32(p["centre_dark"]) * np.clip(np.float32(1.0) - rho * rho, 0.0, 1.0)
+        lesion = (p["colour"] * _PIGMENT_GAIN[tone_idx]).astype(np.float32)[:, None, None] * gain
+        net_strength = np.float32(p["net"]["strength"]) * alpha * _smoothstep(1.0, 0.65, rho)
     elif plan.label == MELANOMA:
         pg, vg = _PIGMENT_GAIN[tone_idx], _VEIL_GAIN[tone_idx]
         a = p["asym_angle"]
         toward = (dx * np.float32(math.cos(a)) + dy * np.float32(math.sin(a))) / np.float32(plan.radius)
         np.clip(toward, -1.2, 1.2, out=toward)
-        lesion = np.empty((gh, gw, 3), np.float32)
-        lesion[:] = _MEL_LIGHT_BROWN * pg
-        lesion *= (np.float32(1.0) + np.float32(0.06) * lesion_var)[..., None]
+        lesion = (_MEL_LIGHT_BROWN * pg)[:, None, None] * (np.float32(1.0) + np.float32(0.06) * variation)
         f = _field(g["dark"], gw, gh)
         f += np.float32(0.9) * toward
-        _lerp_rgb(lesion, _MEL_DARK_BROWN * pg, _smoothstep(-0.35, 0.35, f))
+        _lerp_planes(lesion, _MEL_DARK_BROWN * pg, _smoothstep(-0.35, 0.35, f))
         f = _field(g["black"], gw, gh)
         f += np.float32(0.9) * toward - np.float32(0.55)
-        _lerp_rgb(lesion, _MEL_BLACK * pg, np.float32(0.9) * _smoothstep(-0.25, 0.25, f))
+        _lerp_planes(lesion, _MEL_BLACK * pg, np.float32(0.9) * _smoothstep(-0.25, 0.25, f))
         f = _field(g["grey"], gw, gh)
-        f -= np.float32(0.5) * toward + np.float32(0.35)
-        _lerp_rgb(lesion, _MEL_GREY * vg, np.float32(0.8) * _smoothstep(-0.2, 0.3, f))
+        f -= np.float32(0.5) * toward + np.float32(0.5)
+        _lerp_planes(lesion, _MEL_GREY * vg, np.float32(0.75) * _smoothstep(-0.2, 0.3, f))
         vx, vy, va, vb, vrot, vop = p["veil"]
         ex = dx / np.float32(plan.radius) - np.float32(vx)
         ey = dy / np.float32(plan.radius) - np.float32(vy)
         c, sn = np.float32(math.cos(vrot)), np.float32(math.sin(vrot))
         e = ((ex * c + ey * sn) / np.float32(va)) ** 2 + ((ey * c - ex * sn) / np.float32(vb)) ** 2
-        veil = _smoothstep(1.3, 0.55, e)
+        e += np.float32(0.35) * _field(g["veil"], gw, gh)
+        veil = _smoothstep(1.5, 0.3, e)
         veil *= np.float32(vop) * alpha
-        _lerp_rgb(lesion, _MEL_BLUE_WHITE * vg, veil)
-        # Streaks: tapered dark-brown pseudopods from inside the lesion across the border.
+        _lerp_planes(lesion, _MEL_BLUE_WHITE * vg, veil)
+        # Streaks: dark-brown pseudopods from inside the lesion across the border.
         canvas = np.zeros((gh, gw), np.uint8)
-        sx, sy = gw / W, gh / H
-        for poly in _streak_polygons(plan, frame):
-            pts = np.stack([(poly[:, 0] * sx - 0.5) * 16, (poly[:, 1] * sy - 0.5) * 16], axis=1)
-            cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        streak = canvas.astype(np.float32) * np.float32(1 / 255)
-        _lerp_rgb(lesion, _MEL_DARK_BROWN * pg, np.float32(0.85) * streak)
-        np.maximum(alpha, streak, out=alpha)
+        small = _Frame(plan, gh, gw)
+        small.s = s * gw / W  # same lesion coordinates, smaller pixels
+        small.cx, small.cy = frame.cx * gw / W, frame.cy * gh / H
+        cv2.fillPoly(canvas, [small.fixed_point(poly) for poly in plan.streaks], 255, cv2.LINE_AA, shift=4)
+        streak = canvas.astype(np.float32)
+        streak *= np.float32(1 / 255)
+        _lerp_planes(lesion, _MEL_DARK_BROWN * pg, np.float32(0.85) * streak)
         patch = _smoothstep(-0.2, 0.4, _field(g["net_patch"], gw, gh))
-        net_strength = np.float32(p["net_strength"]) * alpha * patch * _smoothstep(1.05, 0.85, rho)
+        net_strength = np.float32(p["net"]["strength"]) * alpha * patch * _smoothstep(1.05, 0.85, rho)
+        np.maximum(alpha, streak, out=alpha)
     else:
-        colour = p["colour"] * _VESSEL_GAIN[tone_idx]
-        gain = np.float32(1.0) + np.float32(0.06) * lesion_var
-        lesion = gain[..., None] * colour
+        gain = np.float32(1.0) + np.float32(0.06) * variation
+        lesion = (p["colour"] * _VESSEL_GAIN[tone_idx]).astype(np.float32)[:, None, None] * gain
 
-    _lerp_rgb(img, lesion, alpha)
+    # Composite: img += alpha * (lesion - img).
+    lesion -= img
+    lesion *= alpha
+    img += lesion
 
     v_radius, v_depth, v_soft = p["vignette"]
-    cx0, cy0 = (frame.cx - plan.centre[0] * s), (frame.cy - plan.centre[1] * s)
-    rv = np.hypot(
-        (((np.arange(gw, dtype=np.float32) + 0.5) * (W / gw)) - cx0)[None, :],
-        (((np.arange(gh, dtype=np.float32) + 0.5) * (H / gh)) - cy0)[:, None],
-    ) / np.float32(s / 2)
-    vig = np.float32(1.0) - np.float32(0.12) * (rv / np.float32(v_radius)) ** 2
+    vx0 = (np.arange(gw, dtype=np.float32) + np.float32(0.5) - np.float32(gw / 2)) * np.float32(W / gw)
+    vy0 = (np.arange(gh, dtype=np.float32) + np.float32(0.5) - np.float32(gh / 2)) * np.float32(H / gh)
+    rv = np.hypot(vx0[None, :], vy0[:, None])
+    rv *= np.float32(2 / s)
+    vig = rv * rv
+    vig *= np.float32(-0.12 / v_radius**2)
+    vig += np.float32(1.0)
     if v_depth > 0:
         vig -= np.float32(v_depth) * _smoothstep(v_radius, v_radius + v_soft, rv)
     np.clip(vig, 0.0, 1.0, out=vig)
-    img *= vig[..., None]
+    img *= vig
     return img, net_strength
 
 
-def _streak_polygons(plan: _Plan, frame: _Frame) -> list[np.ndarray]:
-    """Melanoma streaks as polygons in continuous full-resolution pixel coordinates."""
-    polys = []
-    for angle, start, tip, width in plan.params.get("streaks", ()):
-        r_local = float(_outline_radius(plan, np.array([angle]))[0])
-        half = width * plan.radius
-        ca, sa = math.cos(angle), math.sin(angle)
-        r0, r1 = start * r_local, tip * r_local
-        # Base (two points either side), a slight bulb near the tip, then the tip.
-        u = np.array([r0 * ca - half * sa, r0 * ca + half * sa, r1 * 0.93 * ca + 0.55 * half * sa,
-                      r1 * ca, r1 * 0.93 * ca - 0.55 * half * sa])
-        v = np.array([r0 * sa + half * ca, r0 * sa - half * ca, r1 * 0.93 * sa - 0.55 * half * ca,
-                      r1 * sa, r1 * 0.93 * sa + 0.55 * half * ca])
-        x, y = frame.to_px(u, v)
-        polys.append(np.stack([x, y], axis=1))
-    return polys
+def _network(plan: _Plan, frame: _Frame, box: Box) -> np.ndarray:
+    """Pigment network lines (1 on a line, 0 in a hole) inside box.
 
-
-def _fill_px(canvas: np.ndarray, polys: list[np.ndarray], value: int, aa: bool = False) -> None:
-    """Fill polygons given in continuous pixel coordinates (sub-pixel accurate)."""
-    pts = [np.round((poly - 0.5) * 16).astype(np.int32) for poly in polys]
-    cv2.fillPoly(canvas, pts, value, cv2.LINE_AA if aa else cv2.LINE_8, shift=4)
-
-
-def _network(plan: _Plan, frame: _Frame, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Pigment network lines (1 on a line, 0 in a hole) inside box = (y0, y1, x0, x1).
-
-    A honeycomb from three plane waves at 120 degrees; its low level set is a connected
-    web around round holes. Warping the coordinates with a smooth random displacement
-    makes it slightly irregular (nevus) or distorted, with cells of varying size
-    (melanoma)."""
-    p, g = plan.params, plan.grids
+    A honeycomb from three plane waves at 120 degrees: h = sum of three cosines has
+    maxima 3 (the holes), saddles -1 and minima -1.5, so {h < t} for t a little above
+    -1 is a thin connected web. Warping the coordinates with a smooth random
+    displacement makes it slightly irregular (nevus) or distorted, with cells of
+    varying size and lines of varying thickness (melanoma)."""
+    net, g = plan.params["net"], plan.grids
     y0, y1, x0, x1 = box
     H, W, s = frame.height, frame.width, frame.s
-    k = 2 * math.pi / p["net_cell"]
-    warp = p["net_warp"] * p["net_cell"] * k  # displacement amplitude, in radians of phase
-    wx = cv2.resize(g["warp_x"], (W, H), interpolation=cv2.INTER_CUBIC)[y0:y1, x0:x1]
-    wy = cv2.resize(g["warp_y"], (W, H), interpolation=cv2.INTER_CUBIC)[y0:y1, x0:x1]
-    wx *= np.float32(warp)
-    wy *= np.float32(warp)
-    xs = ((np.arange(x0, x1, dtype=np.float64) + 0.5 - frame.cx) / s) * k
-    ys = ((np.arange(y0, y1, dtype=np.float64) + 0.5 - frame.cy) / s) * k
+    k = 2 * math.pi / net["cell"]
+    warp = np.float32(net["warp"] * 2 * math.pi)  # displacement amplitude in radians of phase
+    wx = _field(g["warp_x"], W, H)[y0:y1, x0:x1]
+    wy = _field(g["warp_y"], W, H)[y0:y1, x0:x1]
+    wx *= warp
+    wy *= warp
+    # A common translation (in cells) for the three waves: per-wave phases that do not
+    # sum to zero would turn the web into isolated dots.
+    xs = ((np.arange(x0, x1) + 0.5 - frame.cx) / s + net["offset"][0] * net["cell"]) * k
+    ys = ((np.arange(y0, y1) + 0.5 - frame.cy) / s + net["offset"][1] * net["cell"]) * k
     h = np.zeros((y1 - y0, x1 - x0), np.float32)
     tmp = np.empty_like(h)
     for i in range(3):
-        a = p["net_angle"] + i * 2 * math.pi / 3
+        a = net["angle"] + i * 2 * math.pi / 3
         ca, sa = math.cos(a), math.sin(a)
-        phase = np.add.outer((ys * sa + p["net_phase"][i]).astype(np.float32), (xs * ca).astype(np.float32))
+        # Phases in float64 first: k * position can be large, float32 would band.
+        phase = np.add.outer(
+            np.mod(ys * sa, 2 * math.pi).astype(np.float32),
+            np.mod(xs * ca, 2 * math.pi).astype(np.float32),
+        )
         np.multiply(wx, np.float32(ca), out=tmp)
         phase += tmp
         np.multiply(wy, np.float32(sa), out=tmp)
         phase += tmp
         np.cos(phase, out=phase)
         h += phase
-    threshold: Any = np.float32(p["net_threshold"])
+    h -= np.float32(net["threshold"])
     if "net_thick" in g:  # atypical network: line thickness varies over the lesion
-        thick = cv2.resize(g["net_thick"], (W, H), interpolation=cv2.INTER_CUBIC)[y0:y1, x0:x1]
-        threshold = threshold + np.float32(0.6) * thick
-        h -= threshold
-        return _smoothstep(0.45, -0.45, h)
-    return _smoothstep(float(threshold) + 0.45, float(threshold) - 0.45, h)
+        h -= np.float32(0.6) * _field(g["net_thick"], W, H)[y0:y1, x0:x1]
+    return _smoothstep(0.3, -0.3, h)
 
 
 def _render(plan: _Plan, height: int, width: int, noise_rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     frame = _Frame(plan, height, width)
     s, p = frame.s, plan.params
-    f = min(1.0, _SMOOTH_MAX_SIDE / max(height, width))
+    # Smooth fields at <= 512 px on the long side, but never fewer than 128 px across
+    # the short side (the lesion lives there): a 32 x 4096 strip stays at full size.
+    f = max(min(1.0, _SMOOTH_MAX_SIDE / max(height, width)), min(1.0, _SMOOTH_MIN_SHORT_SIDE / min(height, width)))
     gh, gw = max(1, round(height * f)), max(1, round(width * f))
+    same = (gh, gw) == (height, width)
 
     smooth, net_strength = _render_smooth(plan, frame, gh, gw)
-    if (gh, gw) == (height, width):
-        img = smooth
+    if same:
+        planes = list(smooth)
     else:
-        img = cv2.resize(smooth, (width, height), interpolation=cv2.INTER_LINEAR)
+        planes = [cv2.resize(c, (width, height), interpolation=cv2.INTER_LINEAR) for c in smooth]
 
-    # The mask: the outline polygon plus streaks, at full resolution.
-    theta = np.linspace(0, 2 * math.pi, _OUTLINE_VERTICES, endpoint=False)
-    ox, oy = frame.to_px(plan.outline * np.cos(theta), plan.outline * np.sin(theta))
-    outline_px = np.stack([ox, oy], axis=1)
-    streaks_px = _streak_polygons(plan, frame)
+    # The mask: outline polygon plus streaks, at full resolution.
+    outline_uv = np.stack([plan.outline * np.cos(_THETA), plan.outline * np.sin(_THETA)], axis=1)
+    polys = [frame.fixed_point(outline_uv)] + [frame.fixed_point(poly) for poly in plan.streaks]
     mask = np.zeros((height, width), np.uint8)
-    _fill_px(mask, [outline_px], 1)
-    for poly in streaks_px:
-        _fill_px(mask, [poly], 1)
-
-    all_px = np.concatenate([outline_px] + streaks_px, axis=0)
-    x0 = max(0, int(math.floor(all_px[:, 0].min())) - 2)
-    x1 = min(width, int(math.ceil(all_px[:, 0].max())) + 2)
-    y0 = max(0, int(math.floor(all_px[:, 1].min())) - 2)
-    y1 = min(height, int(math.ceil(all_px[:, 1].max())) + 2)
+    cv2.fillPoly(mask, polys, 1, cv2.LINE_8, shift=4)
+    everything = np.concatenate(polys, axis=0) / 16.0
+    x0 = max(0, int(everything[:, 0].min()) - 2)
+    x1 = min(width, int(everything[:, 0].max()) + 3)
+    y0 = max(0, int(everything[:, 1].min()) - 2)
+    y1 = min(height, int(everything[:, 1].max()) + 3)
     box = (y0, y1, x0, x1)
 
-    # Vascular lacunae: crisp, antialiased discs drawn at full resolution.
-    if plan.label == VASCULAR:
-        _draw_lacunae(plan, frame, img, box)
+    if plan.lacunae:
+        _draw_lacunae(plan, frame, planes, box)
 
     # Multiplicative detail at full resolution: network, dots, hair.
     detail: np.ndarray | None = None
     if net_strength is not None:
         detail = np.ones((height, width), np.float32)
-        if (gh, gw) == (height, width):
+        if same:
             strength = net_strength[y0:y1, x0:x1]
         else:
             strength = cv2.resize(net_strength, (width, height), interpolation=cv2.INTER_LINEAR)[y0:y1, x0:x1]
         lines = _network(plan, frame, box)
         lines *= strength
         detail[y0:y1, x0:x1] -= lines
-    if p.get("dots") or p["hair"]:
+    if len(plan.dots) or plan.hairs:
+        # Coverage times darkness, antialiased, in one 8-bit canvas.
         cover = np.zeros((height, width), np.uint8)
-        for angle, dist, radius, light in p.get("dots", ()):
-            r_local = float(_outline_radius(plan, np.array([angle]))[0])
-            x, y = frame.to_px(dist * r_local * math.cos(angle), dist * r_local * math.sin(angle))
-            cv2.circle(cover, (round((x - 0.5) * 16), round((y - 0.5) * 16)),
-                       max(8, round(radius * s * 16)), round(255 * (1 - light)), -1, cv2.LINE_AA, shift=4)
-        for point, direction, length, bend, thick, light in p["hair"]:
-            t = np.linspace(-0.5, 0.5, 25)
-            d = np.array([math.cos(direction), math.sin(direction)])
-            n = np.array([-d[1], d[0]])
-            curve = point[None, :] + (t * length)[:, None] * d + ((0.25 - t * t) * 4 * bend * length)[:, None] * n
-            x, y = frame.to_px(curve[:, 0], curve[:, 1])
-            pts = np.round(np.stack([x - 0.5, y - 0.5], axis=1) * 16).astype(np.int32)
-            cv2.polylines(cover, [pts], False, round(255 * (1 - light)),
-                          max(1, round(thick * s)), cv2.LINE_AA, shift=4)
+        if len(plan.dots):
+            centres = frame.fixed_point(plan.dots[:, :2])
+            for (cx, cy), (_, _, radius, light) in zip(centres, plan.dots):
+                cv2.circle(cover, (int(cx), int(cy)), max(8, round(radius * s * 16)),
+                           round(255 * (1 - light)), -1, cv2.LINE_AA, shift=4)
+        for curve, thickness, light in plan.hairs:
+            cv2.polylines(cover, [frame.fixed_point(curve)], False, round(255 * (1 - light)),
+                          max(1, round(thickness * s)), cv2.LINE_AA, shift=4)
         if detail is None:
             detail = np.ones((height, width), np.float32)
-        shade = cover.astype(np.float32)
-        shade *= np.float32(-1 / 255)
-        shade += np.float32(1.0)
-        detail *= shade
-    if detail is not None:
-        img *= detail[..., None]
-
-    # Sensor noise (+0.5 so that the cast below rounds), then 8 bits and a JPEG trip.
+        detail -= cover.astype(np.float32) * np.float32(1 / 255) * detail
+    # Sensor noise, plus 0.5 so that the cast to uint8 rounds.
     noise = noise_rng.standard_normal((height, width), dtype=np.float32)
     noise *= np.float32(p["noise_sigma"])
     noise += np.float32(0.5)
-    img += noise[..., None]
-    np.clip(img, 0, 255, out=img)
-    rgb = img.astype(np.uint8)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, p["jpeg_quality"]])
+    for plane in planes:
+        if detail is not None:
+            plane *= detail
+        plane += noise
+    bgr = cv2.merge([np.clip(plane, 0, 255).astype(np.uint8) for plane in reversed(planes)])
+
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, p["jpeg_quality"]])
     if not ok:  # pragma: no cover - OpenCV always has a JPEG codec
         raise RuntimeError("OpenCV could not encode a JPEG")
     rgb = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     return rgb, mask
 
 
-def _draw_lacunae(plan: _Plan, frame: _Frame, img: np.ndarray, box: tuple[int, int, int, int]) -> None:
-    """Red lacunae, blended into img (float RGB) through antialiased coverage."""
+def _draw_lacunae(plan: _Plan, frame: _Frame, planes: list[np.ndarray], box: Box) -> None:
+    """Red lacunae: crisp discs blended into the planes through antialiased coverage."""
     y0, y1, x0, x1 = box
-    s = frame.s
     colour = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
     cover = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    gain = _VESSEL_GAIN[plan.tone - 1]
-    for angle, dist, r_frac, tint, purple in plan.params["lacunae"]:
-        r_local = float(_outline_radius(plan, np.array([angle]))[0])
-        radius = r_frac * plan.radius
-        reach = max(0.0, 0.9 * r_local - radius) * dist
-        x, y = frame.to_px(reach * math.cos(angle), reach * math.sin(angle))
-        centre = (round((x - x0 - 0.5) * 16), round((y - y0 - 0.5) * 16))
-        r_px = max(8, round(radius * s * 16))
-        rgb = _LACUNA_PURPLE if purple else _LACUNA_RED + tint * (_LACUNA_DARK - _LACUNA_RED)
-        rgb = np.clip(rgb * gain, 0, 255)
+    offset = np.array([x0 * 16, y0 * 16], np.int32)
+    for u, v, radius, rgb in plan.lacunae:
+        cx, cy = frame.fixed_point(np.array([u, v])) - offset
+        r16 = max(8, round(radius * frame.s * 16))
         # Colour one pixel wider than the coverage, so the antialiased rim has it.
-        cv2.circle(colour, centre, r_px + 16, tuple(float(c) for c in rgb), -1, cv2.LINE_8, shift=4)
-        cv2.circle(cover, centre, r_px, 255, -1, cv2.LINE_AA, shift=4)
+        cv2.circle(colour, (int(cx), int(cy)), r16 + 16, tuple(float(c) for c in rgb), -1, cv2.LINE_8, shift=4)
+        cv2.circle(cover, (int(cx), int(cy)), r16, 255, -1, cv2.LINE_AA, shift=4)
     weight = cover.astype(np.float32)
     weight *= np.float32(1 / 255)
-    region = img[y0:y1, x0:x1]
-    region += weight[..., None] * (colour.astype(np.float32) - region)
+    for c, plane in enumerate(planes):
+        region = plane[y0:y1, x0:x1]
+        tmp = colour[:, :, c].astype(np.float32)
+        tmp -= region
+        tmp *= weight
+        region += tmp
 
 
 # --------------------------------------------------------------------------- public API

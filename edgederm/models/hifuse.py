@@ -156,8 +156,8 @@ class HiFuse(EdgeDermModel):
         assert fused is not None
         return self.norm(fused.mean(dim=(2, 3)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward(self, dermoscopy: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(dermoscopy))
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -44,9 +44,19 @@ def register_model(family: str, paper_size: bool = False) -> Callable[[Callable[
     return wrap
 
 
+_NOT_ARCHITECTURES = {"base", "registry", "summary", "pretrained"}
+
+
 def _ensure_registered() -> None:
-    # Importing the architecture modules registers their variants.
-    from . import hifuse  # noqa: F401
+    # Importing the architecture modules (one file per family) registers their variants.
+    import importlib
+    import pkgutil
+
+    from . import __path__ as package_path
+
+    for info in pkgutil.iter_modules(package_path):
+        if not info.ispkg and info.name not in _NOT_ARCHITECTURES and not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
 
 
 def list_models(pattern: str = "*", paper_size: bool | None = None) -> list[str]:

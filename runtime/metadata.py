@@ -1,0 +1,110 @@
+"""Patient metadata -> the fixed-length float vector a model takes, from a schema file.
+
+Encodings are data, not code: a schema (JSON) lists the fields. A categorical field
+is one-hot over its categories plus one slot for "missing"; a numeric field is two
+values, the value scaled to [0, 1] by its range and a missing flag. A missing or
+None value is its own category, never a crash; an unknown category is an error that
+names the field and the allowed values. Schemas ship in ``edgederm/data/schemas``
+and travel inside the bundle's manifest, so the device encodes exactly as training did.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+# Not resolved: in the repo and in a wheel alike, edgederm/runtime/../data/schemas.
+SCHEMA_DIR = Path(__file__).parent.parent / "data" / "schemas"
+
+
+@dataclass(frozen=True)
+class MetadataSchema:
+    name: str
+    fields: tuple[dict[str, Any], ...]
+
+    @property
+    def dim(self) -> int:
+        return sum(len(f["categories"]) + 1 if f["type"] == "categorical" else 2 for f in self.fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "fields": [dict(f) for f in self.fields]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MetadataSchema":
+        fields = []
+        for f in data.get("fields", []):
+            kind = f.get("type")
+            if kind == "categorical":
+                if not f.get("categories"):
+                    raise InputError(f"schema field {f.get('name')!r} is categorical but lists no categories")
+            elif kind == "numeric":
+                if not f.get("max", 1) > f.get("min", 0):
+                    raise InputError(f"schema field {f.get('name')!r}: max must exceed min")
+            else:
+                raise InputError(f"schema field {f.get('name')!r} has type {kind!r}; expected 'categorical' or 'numeric'")
+            fields.append(dict(f))
+        return cls(str(data.get("name", "custom")), tuple(fields))
+
+    def encode(self, metadata: Mapping[str, Any] | None) -> np.ndarray:
+        """One record -> float32 vector of length ``dim``."""
+        metadata = dict(metadata or {})
+        known = {f["name"] for f in self.fields}
+        unknown = set(metadata) - known
+        if unknown:
+            raise InputError(f"metadata fields {sorted(unknown)} are not in schema {self.name!r}; expected some of {sorted(known)}")
+        out: list[float] = []
+        for f in self.fields:
+            value = metadata.get(f["name"])
+            missing = value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+            if f["type"] == "categorical":
+                categories = [str(c) for c in f["categories"]]
+                slots = [0.0] * (len(categories) + 1)
+                if missing:
+                    slots[-1] = 1.0
+                else:
+                    key = str(value).strip().lower()
+                    lowered = [c.lower() for c in categories]
+                    if key not in lowered:
+                        raise InputError(
+                            f"metadata field {f['name']!r} has value {value!r}; allowed: {categories} "
+                            "(or leave it out / None when unknown)"
+                        )
+                    slots[lowered.index(key)] = 1.0
+                out += slots
+            else:
+                if missing:
+                    out += [0.0, 1.0]
+                    continue
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    raise InputError(f"metadata field {f['name']!r} must be a number; got {value!r}") from None
+                if not math.isfinite(number):
+                    raise InputError(f"metadata field {f['name']!r} is {number}; expected a finite number or None")
+                lo, hi = float(f.get("min", 0.0)), float(f.get("max", 1.0))
+                out += [min(max((number - lo) / (hi - lo), 0.0), 1.0), 0.0]
+        return np.asarray(out, np.float32)
+
+    def encode_many(self, records: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
+        return np.stack([self.encode(r) for r in records]) if records else np.zeros((0, self.dim), np.float32)
+
+
+def load_schema(schema: str | Mapping[str, Any] | MetadataSchema) -> MetadataSchema:
+    """A schema object, a dict, a JSON file path, or the name of a bundled schema."""
+    if isinstance(schema, MetadataSchema):
+        return schema
+    if isinstance(schema, Mapping):
+        return MetadataSchema.from_dict(schema)
+    path = Path(schema)
+    if not path.is_file():
+        path = SCHEMA_DIR / f"{schema}.json"
+    if not path.is_file():
+        available = sorted(p.stem for p in SCHEMA_DIR.glob("*.json"))
+        raise InputError(f"metadata schema {schema!r} is neither a file nor a bundled schema; bundled: {available}")
+    return MetadataSchema.from_dict(json.loads(path.read_text()))
