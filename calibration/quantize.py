@@ -26,7 +26,7 @@ from edgederm.runtime.bundle import read_manifest, sha256_file, write_json_atomi
 from edgederm.runtime.errors import EdgeDermError, InputError
 from edgederm.runtime.model import softmax
 
-from .data import CalibrationSet, load_batch, select_calibration
+from .data import CalibrationSet, list_images, load_batch, select_calibration
 
 log = logging.getLogger(__name__)
 
@@ -137,34 +137,47 @@ def quantize_bundle(
     input_name = stage["inputs"][0]["name"]
     feeds = [{input_name: x[i:i + 8]} for i in range(0, len(x), 8)]
     fp32_path = manifest.graph_path(stage, "fp32")
-    int8_name = f"{stage['name']}.{precision}.onnx"
-    quantize_graph(fp32_path, root / int8_name, feeds, method=method, per_channel=per_channel)
+    # The new graph gets a name of its own (content hash), so a graph the current
+    # manifest references is never overwritten before the manifest moves on.
+    staged = root / f".{stage['name']}.{precision}.staged.onnx"
+    try:
+        quantize_graph(fp32_path, staged, feeds, method=method, per_channel=per_channel)
+        digest = sha256_file(staged)
+        int8_name = f"{stage['name']}.{precision}.{digest[:12]}.onnx"
+        os.replace(staged, root / int8_name)
+    finally:
+        staged.unlink(missing_ok=True)
+    previous = stage["graphs"].get(precision, {}).get("file")
 
     report: dict[str, Any] = {}
     if eval_dir is not None:
         from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        eval_set = select_calibration(eval_dir, max_images=10_000, seed=seed)
-        xe = load_batch(eval_set.paths, config)
+        eval_paths, eval_labels = list_images(eval_dir)
+        xe = load_batch(eval_paths, config)
         probs = {}
         for p, path in (("fp32", fp32_path), (precision, root / int8_name)):
             backend = OnnxRuntimeBackend(path)
             out = np.concatenate([backend.run({input_name: xe[i:i + 16]})[stage["outputs"][0]["name"]] for i in range(0, len(xe), 16)])
             probs[p] = softmax(out, float(manifest.clinical.get("temperature", 1.0)))
-        labels = np.array(eval_set.labels) if eval_set.labels is not None else None
+        labels = np.array(eval_labels) if eval_labels is not None else None
         report = fidelity(probs["fp32"], probs[precision], labels, manifest.model["class_names"])
         say(f"fidelity on {len(xe)} held-out images: decision agreement {report['decision_agreement']:.3f}, "
             f"max |dp| {report['max_probability_diff']:.3f}")
 
     data = dict(manifest.data)
     stage_json = data["stages"][0]
-    stage_json["graphs"][precision] = {"file": int8_name, "sha256": sha256_file(root / int8_name)}
-    data["files"][int8_name] = {"sha256": stage_json["graphs"][precision]["sha256"], "bytes": (root / int8_name).stat().st_size}
+    stage_json["graphs"][precision] = {"file": int8_name, "sha256": digest}
+    data["files"][int8_name] = {"sha256": digest, "bytes": (root / int8_name).stat().st_size}
+    if previous and previous != int8_name:
+        data["files"].pop(previous, None)
     data["calibration"] = {
         "precision": precision, "method": method, "per_channel": per_channel, "format": "QDQ",
         "activation_type": "uint8", "weight_type": "int8", "quantized_ops": QUANTIZED_OPS,
         "images": len(calib), "dataset_sha256": calib.sha256, "fidelity": report,
     }
     write_json_atomic(root / "manifest.json", data)
+    if previous and previous != int8_name:
+        (root / previous).unlink(missing_ok=True)  # no longer referenced
     say(f"added {int8_name} to {root}")
     return data["calibration"]

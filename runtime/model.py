@@ -174,10 +174,14 @@ class DeployedModel:
         threshold = float(self.clinical.get("review_threshold", 0.0))
         if probs[order[0]] < threshold:
             reasons.append(f"low_confidence:{probs[order[0]]:.2f}<{threshold:.2f}")
+        # A safety-listed class (rare, or one the model is known to miss, e.g. vascular
+        # lesions) triggers review when it is the top class, or second with a
+        # probability that is not negligible.
+        floor = float(self.clinical.get("review_class_min_probability", 0.1))
         for rank, idx in enumerate(order[:2]):
             name = self.class_names[int(idx)]
-            if name in self.clinical.get("review_classes", []):
-                reasons.append(f"review_class:{name}:rank{rank + 1}")
+            if name in self.clinical.get("review_classes", []) and (rank == 0 or probs[idx] >= floor):
+                reasons.append(f"review_class:{name}:rank{rank + 1}:{probs[idx]:.2f}")
         return Result(
             label=label,
             probabilities={n: float(p) for n, p in zip(self.class_names, probs)},

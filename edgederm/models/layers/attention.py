@@ -10,9 +10,11 @@ from .conv import ConvNormAct
 class SqueezeExcite(nn.Module):
     """Global average pool -> bottleneck MLP -> sigmoid channel gate."""
 
-    def __init__(self, channels: int, reduction: int = 16, out_channels: int | None = None) -> None:
+    def __init__(self, channels: int, reduction: int = 16, out_channels: int | None = None,
+                 hidden_channels: int | None = None) -> None:
         super().__init__()
-        hidden = max(1, channels // reduction)
+        # hidden_channels overrides the reduction (CFFormer's CFCA uses the other encoder's width).
+        hidden = hidden_channels or max(1, channels // reduction)
         self.fc = nn.Sequential(
             nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, out_channels or channels, 1),

@@ -72,6 +72,7 @@ class WindowAttention(nn.Module):
         cosine_attention: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        key_bias: bool | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -84,6 +85,13 @@ class WindowAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
         self.register_buffer("relative_position_index", _relative_position_index(window).flatten(), persistent=False)
+        # Swin V2 has no key bias (official code, torchvision, timm): the key third of
+        # qkv.bias is multiplied by a zero buffer, so names stay torchvision's.
+        self.key_bias = (not cosine_attention) if key_bias is None else key_bias
+        if qkv_bias and not self.key_bias:
+            keep = torch.ones(3 * dim)
+            keep[dim:2 * dim] = 0.0
+            self.register_buffer("qkv_bias_keep", keep, persistent=False)
         table_size = (2 * window - 1) ** 2
         if cosine_attention:
             self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(heads, 1, 1)))
@@ -110,7 +118,11 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         tokens, channels = x.shape[1], x.shape[2]
         head_dim = channels // self.heads
-        qkv = self.qkv(x).reshape(-1, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        if self.qkv.bias is not None and not self.key_bias:
+            qkv = F.linear(x, self.qkv.weight, self.qkv.bias * self.qkv_bias_keep)
+        else:
+            qkv = self.qkv(x)
+        qkv = qkv.reshape(-1, tokens, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         if self.cosine_attention:
             scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
@@ -133,6 +145,10 @@ class SwinBlock(nn.Module):
     ``mlp="mlp"``: the standard two-layer MLP (Swin V1/V2). ``mlp="linear_gelu"``:
     HiFuse's global block (attention -> Linear -> GELU, one residual).
     ``post_norm=True`` is Swin V2's res-post-norm.
+    ``pad_to_window=True`` follows torchvision's Swin: a feature map that is not a
+    multiple of the window is zero-padded (bottom/right) to one instead of refused,
+    the window is never shrunk, and there is no shift when one window covers the
+    padded map. Padding is static (sizes fixed in ``__init__``), so it exports as Pad.
     """
 
     def __init__(
@@ -147,18 +163,23 @@ class SwinBlock(nn.Module):
         post_norm: bool = False,
         cosine_attention: bool = False,
         drop_path: float = 0.0,
+        pad_to_window: bool = False,
     ) -> None:
         super().__init__()
         height, width = resolution
-        # Swin's rule: a window never exceeds the feature map, and then no shift.
-        window = min(window, height, width)
-        if height % window or width % window:
+        if pad_to_window:
+            padded = (-(-height // window) * window, -(-width // window) * window)
+        else:
+            # Swin's rule: a window never exceeds the feature map, and then no shift.
+            window = min(window, height, width)
+            padded = (height, width)
+        if padded[0] % window or padded[1] % window:
             raise ValueError(
                 f"feature map {height}x{width} is not a multiple of window {window}; "
                 f"choose an input size whose stage resolutions are multiples of the window"
             )
-        self.resolution, self.window = (height, width), window
-        self.shift = window // 2 if shift and window < min(height, width) else 0
+        self.resolution, self.window, self.padded = (height, width), window, padded
+        self.shift = window // 2 if shift and window < min(padded) else 0
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, heads, cosine_attention=cosine_attention)
@@ -173,19 +194,24 @@ class SwinBlock(nn.Module):
         else:
             raise ValueError(f"mlp must be 'mlp' or 'linear_gelu', got {mlp!r}")
         if self.shift:
-            self.register_buffer("attn_mask", shifted_window_mask(height, width, window, self.shift), persistent=False)
+            self.register_buffer("attn_mask", shifted_window_mask(*padded, window, self.shift), persistent=False)
         else:
             self.attn_mask = None
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         height, width = self.resolution
+        padded_h, padded_w = self.padded
         x = x.reshape(-1, height, width, x.shape[-1])
+        if (padded_h, padded_w) != (height, width):
+            x = F.pad(x, (0, 0, 0, padded_w - width, 0, padded_h - height))
         if self.shift:
             x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
         windows = self.attn(window_partition(x, self.window), self.attn_mask)
-        x = window_reverse(windows, self.window, height, width)
+        x = window_reverse(windows, self.window, padded_h, padded_w)
         if self.shift:
             x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        if (padded_h, padded_w) != (height, width):
+            x = x[:, :height, :width, :]
         return x.reshape(-1, height * width, x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
