@@ -139,10 +139,12 @@ class EfficientNetV2(nn.Module):
     its 1.28 M classifier).
     """
 
-    def __init__(self, stages: Sequence[StageConfig] = EFFICIENTNETV2_S, stem_channels: int = 24,
+    def __init__(self, stages: Sequence[StageConfig | Sequence] = EFFICIENTNETV2_S, stem_channels: int = 24,
                  head_channels: int | None = 1280, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        self.configs = tuple(stages)
+        # plain tuples (block, expand, kernel, stride, channels, depth) are accepted so a
+        # configuration can live in JSON (checkpoint model_kwargs)
+        self.configs = tuple(c if isinstance(c, StageConfig) else StageConfig(*c) for c in stages)
         self.stem = conv_bn_act(3, stem_channels, 3, 2)
         total = sum(c.depth for c in self.configs)
         index = 0
