@@ -279,69 +279,80 @@ def _timm():
     return pytest.importorskip("timm", reason="timm not installed (reference only)")
 
 
-def test_window_vit_loads_vit_small_patch16_strictly():
-    timm = _timm()
+# Reference models are built once per module: their random init dominates the runtime.
+@pytest.fixture(scope="module")
+def timm_vit_256():
     torch.manual_seed(7)
-    reference = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=256).eval()
-    ours = VisionTransformer(256, 16, 384, 12, 6).eval()
-    dropped = load_vit(ours, reference.state_dict())
+    return _timm().create_model("vit_small_patch16_224", pretrained=False, img_size=256).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_state_224():
+    torch.manual_seed(8)
+    return _timm().create_model("vit_small_patch16_224", pretrained=False).state_dict()
+
+
+@pytest.fixture(scope="module")
+def our_vit_256():
+    return VisionTransformer(256, 16, 384, 12, 6).eval()
+
+
+@pytest.fixture(scope="module")
+def timm_swin():
+    torch.manual_seed(9)
+    return _timm().create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+
+
+def test_window_vit_loads_vit_small_patch16_strictly(timm_vit_256, our_vit_256):
+    dropped = load_vit(our_vit_256, timm_vit_256.state_dict())
     assert dropped == ["head.weight", "head.bias"]
-    x = torch.randn(2, 3, 256, 256)
+    x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
-        ref = reference.forward_features(x)
-        got = ours(x)
+        ref = timm_vit_256.forward_features(x)
+        got = our_vit_256(x)
     assert torch.allclose(got[:, 0], ref[:, 0], atol=1e-5), (got[:, 0] - ref[:, 0]).abs().max()
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_window_vit_resamples_a_224_checkpoint_explicitly():
+def test_window_vit_resamples_a_224_checkpoint_explicitly(timm_vit_256, vit_state_224, our_vit_256):
     timm = _timm()
-    torch.manual_seed(8)
-    state = timm.create_model("vit_small_patch16_224", pretrained=False).state_dict()
+    state = dict(vit_state_224)
     assert state["pos_embed"].shape == (1, 197, 384)
     expected_pos = timm.layers.resample_abs_pos_embed(state["pos_embed"], [16, 16], num_prefix_tokens=1)
-    ours = VisionTransformer(256, 16, 384, 12, 6).eval()
-    load_vit(ours, state)
-    assert torch.allclose(ours.pos_embed.detach(), expected_pos, atol=1e-6)
+    load_vit(our_vit_256, state)
+    assert torch.allclose(our_vit_256.pos_embed.detach(), expected_pos, atol=1e-6)
     assert torch.equal(resample_pos_embed(state["pos_embed"], (14, 14)), state["pos_embed"])
-    # timm at 256 with the same resampled checkpoint: same window features.
-    reference = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=256).eval()
-    reference.load_state_dict({**state, "pos_embed": expected_pos})
+    # timm at 256 given the same resampled checkpoint: same window features.
+    timm_vit_256.load_state_dict({**state, "pos_embed": expected_pos})
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
-        assert torch.allclose(ours(x)[:, 0], reference.forward_features(x)[:, 0], atol=1e-5)
+        assert torch.allclose(our_vit_256(x)[:, 0], timm_vit_256.forward_features(x)[:, 0], atol=1e-5)
 
 
-def test_window_encoder_of_the_model_takes_the_checkpoint(tiny):
+def test_window_encoder_of_the_model_takes_the_checkpoint(tiny, vit_state_224):
     # the wrong architecture (tiny ViT) is refused with the keys named
-    timm = _timm()
-    state = timm.create_model("vit_small_patch16_224", pretrained=False).state_dict()
     with pytest.raises(PretrainedMismatchError, match="shape mismatches"):
-        load_vit(tiny.window_encoder.vit, state)
+        load_vit(tiny.window_encoder.vit, vit_state_224)
 
 
-def test_clinical_swin_loads_swin_tiny_strictly():
+def test_clinical_swin_loads_swin_tiny_strictly(timm_swin):
     """With the CLS token removed the clinical encoder's shared parts are Swin-T:
     exact features. (With CLS-WMSA every patch also attends to the CLS token, so
     whole-encoder equality with a CLS-less Swin is impossible by design.)"""
-    timm = _timm()
-    torch.manual_seed(9)
-    reference = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
     ours = ClinicalEncoder(224, 96, (2, 2, 6, 2), (3, 6, 12, 24), window=7).eval()
-    dropped = load_clinical_encoder(ours, reference.state_dict())
+    dropped = load_clinical_encoder(ours, timm_swin.state_dict())
     assert sorted(dropped) == ["head.fc.bias", "head.fc.weight"]
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        ref = reference.forward_features(x).reshape(1, 49, 768)
+        ref = timm_swin.forward_features(x).reshape(1, 49, 768)
         got = ours.forward_swin_features(x)
         full = ours(x)
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     assert full.shape == (1, 1 + 49 + 4, 768) and torch.isfinite(full).all()
 
 
-def test_window7_swin_checkpoint_loads_into_window8_encoder():
-    timm = _timm()
-    state = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).state_dict()
+def test_window7_swin_checkpoint_loads_into_window8_encoder(timm_swin):
+    state = dict(timm_swin.state_dict())
     enc = ClinicalEncoder(256, 96, (2, 2, 6, 2), (3, 6, 12, 24), window=8)
     load_clinical_encoder(enc, state)
     table = enc.stages[0].blocks[0].attn.relative_position_bias_table
