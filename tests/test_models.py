@@ -87,7 +87,7 @@ def test_export_parity_and_int8(model, tmp_path, record_property):
         for out_name in stage.outputs:
             a, b = fp32[out_name], int8[out_name]
             assert b.shape == a.shape and np.isfinite(b).all()
-            if a.ndim >= 2 and a.shape[1] > 1:
+            if out_name in ("logits", "mask_logits"):  # decisions; embeddings get a correlation
                 agreement = float((a.argmax(1) == b.argmax(1)).mean())
                 record_property(f"figure:{stage.name}.{out_name}.int8_agreement", f"{agreement:.3f}")
             else:

@@ -308,7 +308,9 @@ class ClinicalEncoder(nn.Module):
     def encode_shared(self, images: torch.Tensor, local: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Patch embed + stages 1-3 with the CLS token; LSM scores (B, T3) for the global pass."""
         x = self.patch_embed(images)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        # repeat, not expand: a view of a Parameter fed to a submodule under no_grad
+        # trips torch's module tracker (FlopCounterMode in `edgederm models`).
+        cls = self.cls_token.repeat(x.shape[0], 1, 1)
         scores = None
         for stage in range(3):
             x, cls, s = self._run_stage(stage, x, cls, local, want_scores=(stage == 2 and not local))
@@ -704,7 +706,8 @@ class RemixFormer(EdgeDermModel):
         window_dim = self.window_encoder.vit.dim
         tokens, clinical_dim = self.clinical_encoder.num_tokens, self.clinical_encoder.dims[3]
         return [
-            ExportStage("window_encoder", self.window_encoder, {"windows": torch.randn(batch, 3, w, w)}, ["window_embeddings"],
+            # batch*rows*cols windows: what one batch of images feeds (N is dynamic).
+            ExportStage("window_encoder", self.window_encoder, {"windows": torch.randn(batch * rows * cols, 3, w, w)}, ["window_embeddings"],
                         image_inputs=["windows"], sources={"windows": "dermoscopy_windows"}),
             ExportStage("region_encoder", self.region_encoder, {"window_embeddings": torch.randn(batch, rows * cols, window_dim)},
                         ["dermoscopy_features"], sources={"window_embeddings": "window_encoder.window_embeddings"}),

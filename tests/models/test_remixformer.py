@@ -119,7 +119,7 @@ def test_export_stage_contract(tiny):
     }
     with torch.no_grad():
         outs = {s.name: s.module(*s.inputs.values()) for s in stages}
-    assert outs["window_encoder"].shape == (2, 64)
+    assert outs["window_encoder"].shape == (2 * 4, 64)
     assert outs["region_encoder"].shape == (2, 64)
     assert outs["clinical_encoder"].shape == (2, tiny.clinical_encoder.num_tokens, 128)
     assert outs["fusion"].shape == (2, 3)
