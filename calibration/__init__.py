@@ -1,4 +1,10 @@
-"""Calibration: FP16/INT8 graphs, calibration data, fidelity reports (never on the device)."""
-from .quantize import METHODS, QuantizeError, fidelity, quantize_bundle, quantize_graph
+"""Calibration: FP16/INT8 graphs, calibration data, fidelity reports (never on the device).
 
-__all__ = ["METHODS", "QuantizeError", "fidelity", "quantize_bundle", "quantize_graph"]
+``edgederm.calibration.fidelity`` is the module of fidelity figures; the old
+``fidelity(...)`` function lives on as ``edgederm.calibration.quantize.fidelity``.
+"""
+from .graphs import METHODS, QuantizeError, QuantSettings, quantize_dynamic_graph, quantize_graph
+from .quantize import PRECISIONS, quantize_bundle
+
+__all__ = ["METHODS", "PRECISIONS", "QuantSettings", "QuantizeError", "quantize_bundle", "quantize_dynamic_graph",
+           "quantize_graph"]

@@ -1,183 +1,391 @@
-"""INT8 (QDQ) graphs through ONNX Runtime's static quantization, with a fidelity report.
+"""``quantize_bundle``: add an fp16, int8 or int8_dynamic graph per stage, with a fidelity report.
 
-Decisions:
-- QDQ format (QuantizeLinear/DequantizeLinear pairs), the form TensorRT's explicit
-  quantization and ORT's CPU/GPU kernels both take;
-- only Conv, MatMul and Gemm inputs are quantized, so LayerNorm, Softmax, GELU and
-  output activations stay in float (specs/MODELS.md);
-- weights int8 per channel (symmetric), activations uint8 (asymmetric): on x86 CPUs
-  the U8S8 kernels are the fast ones (S8S8 is several times slower in ORT);
-- the bundle is updated atomically: the graph is written under a temporary name and
-  renamed, then the manifest is replaced in one rename. An interrupted quantize
-  leaves the previous bundle intact and loadable.
+Flow (decisions):
+1. Calibration cases: a seeded, stratified sample of ``calib_dir`` (calibration/data.py).
+   Held-out cases for the fidelity report: ``eval_dir``; without one, the images of
+   ``calib_dir`` that were not sampled; if there are none, the calibration images
+   themselves, and the report says ``"held_out": false``.
+2. Every stage gets the inputs it really sees: tiles for segmenters, windows for
+   windowed stages, and for later stages the fp32 outputs of the earlier ones
+   (ONNX Runtime on CPU).
+3. INT8 (static): each stage quantized (calibration/graphs.py). The whole bundle is
+   then run end to end *by the runtime* (``DeployedModel``, the device's own code:
+   tiling, blending, window streaming, temperature) on the calibration cases, and its
+   decisions compared with fp32: class per image, or mask pixel per image for
+   segmenters. Below ``target_agreement`` the per-node sensitivity is measured
+   (calibration/sensitivity.py) and the most damaging nodes, across all stages, go
+   back to float until the target is reached, or the report says it was not and
+   what was reached. fp16 and int8_dynamic get the same end-to-end check (no
+   fallback: the report says whether the target was met).
+4. Fidelity against fp32 on the held-out cases (calibration/fidelity.py), printed and
+   stored in the manifest under ``calibration[precision]``.
+5. Atomic update: candidate graphs live in a hidden staging folder inside the bundle;
+   the final graphs get names of their own (content hash) so a graph the current
+   manifest references is never overwritten, then the manifest is replaced in one
+   rename, then files no longer referenced are deleted. An interrupted quantize
+   leaves the previous bundle intact and loadable.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from edgederm.runtime import preprocess as pp
-from edgederm.runtime.bundle import read_manifest, sha256_file, write_json_atomic
-from edgederm.runtime.errors import EdgeDermError, InputError
-from edgederm.runtime.model import softmax
+from edgederm.runtime.bundle import Manifest, read_manifest, sha256_file, write_json_atomic
+from edgederm.runtime.errors import InputError
+from edgederm.runtime.imageio import read_image
 
-from .data import CalibrationSet, list_images, load_batch, select_calibration
+from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
+from .fidelity import classification_fidelity, segmentation_fidelity
+from .graphs import (BACKENDS, FORMATS, INT8_TYPES, METHODS, QUANTIZED_OPS, QuantizeError, QuantSettings, prepare_graph,
+                     quantize_dynamic_graph, quantize_graph)
+from .sensitivity import fallback as run_fallback
+from .sensitivity import node_sensitivity, rank, return_to_float, save_model
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "entropy", "percentile")
-QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+PRECISIONS = ("int8", "fp16", "int8_dynamic")
+MAX_EVAL_IMAGES = 256
 
-
-class QuantizeError(EdgeDermError):
-    pass
-
-
-def _reader(feeds: list[dict[str, np.ndarray]]) -> Any:
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class _Feeds(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it = iter(feeds)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._it, None)
-
-    return _Feeds()
-
-
-def quantize_graph(fp32_path: Path, int8_path: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax",
-                   per_channel: bool = True) -> None:
-    """Static QDQ quantization of one graph, calibrated on ``feeds``."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if method not in METHODS:
-        raise InputError(f"calibration method {method!r} is not supported; choose one of {', '.join(METHODS)}")
-    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                 "percentile": CalibrationMethod.Percentile}[method]
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        except Exception as exc:  # pre-processing only helps; quantize the raw graph if it fails
-            log.warning("quantization pre-processing skipped for %s: %s", fp32_path.name, exc)
-            prepared = fp32_path
-        staged = Path(tmp) / "int8.onnx"
-        quantize_static(
-            str(prepared), str(staged), _reader(feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=QUANTIZED_OPS, per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=calibrate,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                           "CalibMovingAverage": method == "minmax"},
-        )
-        tmp_final = int8_path.with_name(f".{int8_path.name}.tmp")
-        try:  # copy next to the bundle's files first so the final step is one rename
-            _copy(staged, tmp_final)
-            os.replace(tmp_final, int8_path)
-        finally:
-            tmp_final.unlink(missing_ok=True)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        while block := fi.read(1 << 20):
-            fo.write(block)
-        fo.flush()
-        os.fsync(fo.fileno())
+__all__ = ["BACKENDS", "FORMATS", "INT8_TYPES", "METHODS", "PRECISIONS", "QUANTIZED_OPS", "QuantizeError",
+           "fidelity", "quantize_bundle", "quantize_graph"]
 
 
 def fidelity(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels: np.ndarray | None, class_names: list[str]) -> dict[str, Any]:
-    """Agreement and probability drift of a reduced-precision graph against fp32."""
-    from edgederm.train import expected_calibration_error
+    """Classification fidelity (kept under its old name)."""
+    return classification_fidelity(fp32_probs, int8_probs, labels, class_names)
 
-    ref, got = fp32_probs.argmax(1), int8_probs.argmax(1)
-    diff = np.abs(fp32_probs - int8_probs)
-    report: dict[str, Any] = {
-        "images": int(len(ref)),
-        "decision_agreement": float((ref == got).mean()),
-        "max_probability_diff": float(diff.max()),
-        "mean_probability_diff": float(diff.mean()),
-    }
-    if labels is not None:
-        report["accuracy_fp32"] = float((ref == labels).mean())
-        report["accuracy_quantized"] = float((got == labels).mean())
-        recall_change = {}
-        for k, name in enumerate(class_names):
-            sel = labels == k
-            if sel.any():
-                recall_change[name] = float((got[sel] == k).mean() - (ref[sel] == k).mean())
-        report["recall_change"] = recall_change
-        report["ece_change"] = expected_calibration_error(int8_probs, labels) - expected_calibration_error(fp32_probs, labels)
-    return report
+
+class _Evaluator:
+    """Runs the bundle through the runtime with chosen graphs per stage; caches decoded images."""
+
+    def __init__(self, manifest: Manifest, precision: str, threads: int = 2) -> None:
+        self.manifest = manifest
+        self.precision = precision
+        self.threads = threads
+        self.modalities = list(manifest.model.get("modalities", ["dermoscopy"]))
+        self.task = manifest.model["task"]
+        self._images: dict[Path, np.ndarray] = {}
+
+    def _image(self, path: Path) -> np.ndarray:
+        if path not in self._images:
+            self._images[path] = read_image(path)
+        return self._images[path]
+
+    def predict(self, cases: list[Case], graphs: dict[str, str] | None) -> list[Any]:
+        """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32)."""
+        from edgederm.runtime.model import DeployedModel
+
+        data = copy.deepcopy(self.manifest.data)
+        precision = "fp32"
+        if graphs is not None:
+            precision = self.precision
+            for stage in data["stages"]:
+                stage["graphs"][precision] = {"file": graphs[stage["name"]], "sha256": ""}
+        model = DeployedModel(Manifest(self.manifest.root, data), backend="onnxruntime-cpu", precision=precision,
+                              threads=self.threads, cache=False)
+        schema_fields = None
+        if model.model_info.get("metadata_schema"):
+            schema_fields = {f["name"] for f in model.model_info["metadata_schema"]["fields"]}
+        results = []
+        for case in cases:
+            image = self._image(case.image)
+            clinical = None
+            if "clinical" in self.modalities:
+                clinical = self._image(case.clinical) if case.clinical is not None else image  # stand-in, as calibrated
+            metadata = None
+            if "metadata" in self.modalities and case.metadata is not None and schema_fields is not None:
+                metadata = {k: v for k, v in case.metadata.items() if k in schema_fields}
+            results.append(model.predict(dermoscopy=image, clinical=clinical, metadata=metadata))
+        return results
+
+    def decisions(self, results: list[Any]) -> list[np.ndarray]:
+        if self.task == "segment":
+            return [r.mask for r in results]
+        names = list(self.manifest.model["class_names"])
+        return [np.array([r.probabilities[n] for n in names], np.float32) for r in results]
+
+    def agreement(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+        if self.task == "segment":
+            same = sum(int((a == b).sum()) for a, b in zip(reference, candidate))
+            return same / max(1, sum(a.size for a in reference))
+        return float(np.mean([a.argmax() == b.argmax() for a, b in zip(reference, candidate)]))
+
+
+def _held_out(calib_dir: Path, chosen: list[Case], eval_dir: Path | None, seed: int) -> tuple[list[Case], bool]:
+    if eval_dir is not None:
+        cases = read_cases(eval_dir)
+        if not cases:
+            raise InputError(f"no images found in the evaluation folder {eval_dir}")
+        held = True
+    else:
+        used = {c.image for c in chosen}
+        cases = [c for c in read_cases(calib_dir) if c.image not in used]
+        held = bool(cases)
+        if not cases:
+            cases = list(chosen)
+    if len(cases) > MAX_EVAL_IMAGES:
+        keep = np.sort(np.random.default_rng(seed + 1).choice(len(cases), MAX_EVAL_IMAGES, replace=False))
+        cases = [cases[int(i)] for i in keep]
+    return cases, held
+
+
+def _read_mask(case: Case, shape: tuple[int, ...]) -> np.ndarray | None:
+    import cv2
+
+    if case.mask is None:
+        return None
+    mask = cv2.imread(str(case.mask), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        return None
+    if mask.shape != shape[:2]:
+        mask = cv2.resize(mask, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+    return (mask > 127).astype(np.uint8)
 
 
 def quantize_bundle(
     bundle: str | os.PathLike[str], calib_dir: str | os.PathLike[str], *, precision: str = "int8",
     method: str = "minmax", per_channel: bool = True, max_images: int = 64, eval_dir: str | os.PathLike[str] | None = None,
-    seed: int = 0, say: Callable[[str], None] = print,
+    seed: int = 0, say: Callable[[str], None] = print, target_agreement: float | None = 0.99,
+    format: str = "qdq", activation_type: str = "uint8", weight_type: str = "int8", backend: str = "onnxruntime",
+    sensitivity_seconds: float = 60.0, max_units: int = 256, batch_size: int = 8, threads: int = 2,
 ) -> dict[str, Any]:
-    """Add an INT8 graph per stage to ``bundle`` and store the fidelity report."""
-    if precision != "int8":
-        raise InputError(f"precision {precision!r} is not supported by this SDK version yet; use int8")
+    """Add a ``precision`` graph per stage to ``bundle``; store and return the calibration report.
+
+    ``target_agreement``: decision agreement with fp32 (calibration cases, end to end)
+    the int8 graphs must reach; nodes return to float until they do. None: no fallback.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)} "
+                         "(fp32 is what export writes)")
+    if target_agreement is not None and not 0.0 < target_agreement <= 1.0:
+        raise InputError(f"target_agreement must be in (0, 1]; got {target_agreement} (e.g. 0.99)")
+    settings = QuantSettings(method=method, per_channel=per_channel, format=format, activation_type=activation_type,
+                             weight_type=weight_type, backend=backend) if precision == "int8" else None
+    start = time.monotonic()
     manifest = read_manifest(bundle)
     root = manifest.root
-    if len(manifest.stages) != 1 or manifest.model["task"] != "classify":
-        raise QuantizeError("quantize currently handles single-stage classifiers; multi-stage and segmenters come with the tiled calibration")
-    config = pp.PreprocessConfig.from_dict(manifest.preprocess)
-    calib: CalibrationSet = select_calibration(calib_dir, max_images=max_images, seed=seed)
-    say(f"calibrating on {len(calib)} images from {calib_dir} ({method}, per-channel={per_channel})")
-    x = load_batch(calib.paths, config)
-    stage = manifest.stages[0]
-    input_name = stage["inputs"][0]["name"]
-    feeds = [{input_name: x[i:i + 8]} for i in range(0, len(x), 8)]
-    fp32_path = manifest.graph_path(stage, "fp32")
-    # The new graph gets a name of its own (content hash), so a graph the current
-    # manifest references is never overwritten before the manifest moves on.
-    staged = root / f".{stage['name']}.{precision}.staged.onnx"
+    calib = select_calibration(Path(calib_dir), max_images=max_images, seed=seed)
+    eval_cases, held_out = _held_out(Path(calib_dir), calib.cases, Path(eval_dir) if eval_dir is not None else None, seed)
+    stages = manifest.stages
+    say(f"{precision}: calibrating {len(stages)} stage(s) of {manifest.model['name']} ({manifest.model['task']}) "
+        f"on {len(calib)} images from {calib_dir}" + (f" ({method}, per-channel={per_channel}, {format}, "
+                                                       f"activations {activation_type}, {backend})" if settings else ""))
+    staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=root))
     try:
-        quantize_graph(fp32_path, staged, feeds, method=method, per_channel=per_channel)
-        digest = sha256_file(staged)
-        int8_name = f"{stage['name']}.{precision}.{digest[:12]}.onnx"
-        os.replace(staged, root / int8_name)
+        report = _quantize(manifest, calib, eval_cases, held_out, precision, settings, staging, say=say,
+                           target=target_agreement, seed=seed, sensitivity_seconds=sensitivity_seconds,
+                           max_units=max_units, batch_size=batch_size, threads=threads)
+        report["seconds"] = round(time.monotonic() - start, 1)
+        _commit(manifest, precision, report, staging, say)
     finally:
-        staged.unlink(missing_ok=True)
-    previous = stage["graphs"].get(precision, {}).get("file")
+        shutil.rmtree(staging, ignore_errors=True)
+    _print_report(report, say)
+    return report
 
-    report: dict[str, Any] = {}
-    if eval_dir is not None:
-        from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        eval_paths, eval_labels = list_images(eval_dir)
-        xe = load_batch(eval_paths, config)
-        probs = {}
-        for p, path in (("fp32", fp32_path), (precision, root / int8_name)):
-            backend = OnnxRuntimeBackend(path)
-            out = np.concatenate([backend.run({input_name: xe[i:i + 16]})[stage["outputs"][0]["name"]] for i in range(0, len(xe), 16)])
-            probs[p] = softmax(out, float(manifest.clinical.get("temperature", 1.0)))
-        labels = np.array(eval_labels) if eval_labels is not None else None
-        report = fidelity(probs["fp32"], probs[precision], labels, manifest.model["class_names"])
-        say(f"fidelity on {len(xe)} held-out images: decision agreement {report['decision_agreement']:.3f}, "
-            f"max |dp| {report['max_probability_diff']:.3f}")
+def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: bool, precision: str,
+              settings: QuantSettings | None, staging: Path, *, say: Callable[[str], None], target: float | None,
+              seed: int, sensitivity_seconds: float, max_units: int, batch_size: int, threads: int) -> dict[str, Any]:
+    import onnx
 
-    data = dict(manifest.data)
-    stage_json = data["stages"][0]
-    stage_json["graphs"][precision] = {"file": int8_name, "sha256": digest}
-    data["files"][int8_name] = {"sha256": digest, "bytes": (root / int8_name).stat().st_size}
-    if previous and previous != int8_name:
-        data["files"].pop(previous, None)
-    data["calibration"] = {
-        "precision": precision, "method": method, "per_channel": per_channel, "format": "QDQ",
-        "activation_type": "uint8", "weight_type": "int8", "quantized_ops": QUANTIZED_OPS,
-        "images": len(calib), "dataset_sha256": calib.sha256, "fidelity": report,
-    }
-    write_json_atomic(root / "manifest.json", data)
-    if previous and previous != int8_name:
-        (root / previous).unlink(missing_ok=True)  # no longer referenced
-    say(f"added {int8_name} to {root}")
-    return data["calibration"]
+    root = manifest.root
+    rel = staging.relative_to(root).as_posix()
+    stages = manifest.stages
+    fp32 = {s["name"]: manifest.graph_path(s, "fp32") for s in stages}
+    evaluator = _Evaluator(manifest, precision, threads)
+    inputs = StageInputs(manifest, say=say)
+    staged: dict[str, str] = {}  # stage -> file relative to the bundle
+    stage_info: dict[str, Any] = {}
+    fallback_report: dict[str, Any] | None = None
+
+    if precision == "int8":
+        assert settings is not None
+        say("  running the fp32 stages for every stage's calibration inputs")
+        per_case = inputs.run(calib.cases, fp32, threads=threads)
+        prepared, qdq, feeds = {}, {}, {}
+        for stage in stages:
+            name = stage["name"]
+            prepared[name] = prepare_graph(fp32[name], staging / f"{name}.prepared.onnx")
+            feeds[name] = batch_feeds(per_case[name], batch_size=batch_size, max_units=max_units, seed=seed)
+            units = sum(len(next(iter(f.values()))) for f in feeds[name])
+            say(f"  quantizing {name} on {units} calibration inputs")
+            path = staging / f"{name}.int8.onnx"
+            quantize_graph(prepared[name], path, feeds[name], settings=settings, prepared=True)
+            qdq[name] = onnx.load(str(path))
+            staged[name] = f"{rel}/{path.name}"
+            stage_info[name] = {"calibration_inputs": units}
+        if target is not None:
+            reference = evaluator.decisions(evaluator.predict(calib.cases, None))
+
+            def agreement_of(graphs: dict[str, str]) -> float:
+                return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs)))
+
+            base = agreement_of(staged)
+            say(f"  end-to-end decision agreement with fp32 on the calibration images: {base:.4f}")
+            if base < target:
+                say(f"  below the target {target:.4f}: measuring per-node sensitivity "
+                    f"(budget {sensitivity_seconds:.0f} s per stage)")
+                scores: dict[str, float | None] = {}
+                floats = {n: onnx.load(str(p)) for n, p in prepared.items()}
+                for stage in stages:
+                    name = stage["name"]
+                    stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:4], sensitivity_seconds, say)
+                    scores.update({f"{name}/{node}": v for node, v in stage_scores.items()})
+                ranked = rank(scores)
+
+                def evaluate(k: int) -> float:
+                    return agreement_of(_with_float_nodes(k, ranked, qdq, floats, staging, rel, staged))
+
+                result = run_fallback(len(ranked), evaluate, target, say)
+                result.sensitivity = scores
+                chosen = ranked[:len(result.excluded)]
+                result.excluded = chosen
+                staged = _with_float_nodes(len(chosen), ranked, qdq, floats, staging, rel, staged)
+                fallback_report = result.to_dict()
+            else:
+                fallback_report = {"target_agreement": target, "reached": True, "agreement": base,
+                                   "agreement_all_int8": base, "nodes_to_exclude": []}
+    elif precision == "fp16":
+        from .fp16 import convert_to_fp16
+
+        for stage in stages:
+            name = stage["name"]
+            path = staging / f"{name}.fp16.onnx"
+            stage_info[name] = convert_to_fp16(fp32[name], path)
+            staged[name] = f"{rel}/{path.name}"
+            say(f"  {name}: fp16 with fp32 inputs/outputs ({stage_info[name]['fp32_nodes']} nodes kept in fp32)")
+    else:  # int8_dynamic
+        for stage in stages:
+            name = stage["name"]
+            path = staging / f"{name}.int8_dynamic.onnx"
+            stage_info[name] = quantize_dynamic_graph(fp32[name], path)
+            staged[name] = f"{rel}/{path.name}"
+            say(f"  {name}: dynamic INT8 (MatMul weights)")
+
+    if precision != "int8" and target is not None:
+        reference = evaluator.decisions(evaluator.predict(calib.cases, None))
+        reached = evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, staged)))
+        fallback_report = {"target_agreement": target, "reached": reached >= target, "agreement": reached,
+                           "note": "no automatic fallback for this precision"}
+        if reached < target:
+            say(f"  WARNING: {precision} agreement {reached:.4f} is below the target {target:.4f}")
+
+    say(f"  fidelity on {len(eval_cases)} {'held-out' if held_out else 'calibration (no held-out images)'} images")
+    fp32_results = evaluator.predict(eval_cases, None)
+    quant_results = evaluator.predict(eval_cases, staged)
+    if manifest.model["task"] == "segment":
+        masks = [_read_mask(c, r.mask.shape) for c, r in zip(eval_cases, fp32_results)]
+        fid = segmentation_fidelity([r.mask for r in fp32_results], [r.mask for r in quant_results], masks)
+    else:
+        p32 = np.stack(evaluator.decisions(fp32_results))
+        pq = np.stack(evaluator.decisions(quant_results))
+        labels = [c.label for c in eval_cases]
+        fid = classification_fidelity(p32, pq, np.array(labels) if all(x is not None for x in labels) else None,
+                                      manifest.model["class_names"])
+    fid["held_out"] = held_out
+
+    entry: dict[str, Any] = {"precision": precision}
+    if settings is not None:
+        entry.update(settings.to_dict())
+    elif precision == "fp16":
+        from .fp16 import KEEP_FP32
+
+        entry.update({"method": "cast", "kept_fp32_ops": sorted(KEEP_FP32), "io_dtype": "float32"})
+    else:
+        entry.update({"method": "dynamic", **next(iter(stage_info.values()))})
+    entry.update({
+        "images": len(calib), "dataset_sha256": calib.sha256, "stages": stage_info,
+        "target": fallback_report, "fidelity": fid, "notes": list(inputs.notes), "_staged": staged,
+    })
+    return entry
+
+
+def _with_float_nodes(k: int, ranked: list[str], qdq: dict[str, Any], floats: dict[str, Any], staging: Path,
+                      rel: str, current: dict[str, str]) -> dict[str, str]:
+    """Stage graphs with the first ``k`` ranked ("stage/node") nodes returned to float."""
+    graphs = dict(current)
+    by_stage: dict[str, list[str]] = {}
+    for item in ranked[:k]:
+        stage, node = item.split("/", 1)
+        by_stage.setdefault(stage, []).append(node)
+    for stage, model in qdq.items():
+        nodes = by_stage.get(stage, [])
+        path = staging / f"{stage}.int8.float{len(nodes)}.onnx"
+        if not path.exists():
+            save_model(return_to_float(model, floats[stage], nodes) if nodes else model, path)
+        graphs[stage] = f"{rel}/{path.name}"
+    return graphs
+
+
+def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging: Path, say: Callable[[str], None]) -> None:
+    root = manifest.root
+    staged: dict[str, str] = report.pop("_staged")
+    data = copy.deepcopy(manifest.data)
+    previous: list[str] = []
+    for stage in data["stages"]:
+        source = root / staged[stage["name"]]
+        digest = sha256_file(source)
+        final = f"{stage['name']}.{precision}.{digest[:12]}.onnx"
+        if not (root / final).exists():
+            # The staging folder is inside the bundle: one rename, no copy.
+            os.replace(source, root / final)
+        old = stage["graphs"].get(precision, {}).get("file")
+        if old and old != final:
+            previous.append(old)
+        stage["graphs"][precision] = {"file": final, "sha256": digest}
+        data["files"][final] = {"sha256": digest, "bytes": (root / final).stat().st_size}
+    still_used = {g["file"] for s in data["stages"] for g in s["graphs"].values()}
+    for old in previous:
+        if old not in still_used:
+            data["files"].pop(old, None)
+    calibration = data.get("calibration")
+    if not isinstance(calibration, dict):
+        calibration = {}
+    elif "precision" in calibration and "fidelity" in calibration:  # written by an older SDK: one section
+        calibration = {calibration["precision"]: calibration}
+    calibration[precision] = report
+    data["calibration"] = calibration
+    try:
+        write_json_atomic(root / "manifest.json", data)
+    except BaseException:
+        referenced = set(manifest.data["files"])
+        for stage in data["stages"]:
+            new = stage["graphs"][precision]["file"]
+            if new not in referenced:
+                (root / new).unlink(missing_ok=True)
+        raise
+    for old in previous:
+        if old not in still_used:
+            (root / old).unlink(missing_ok=True)  # no longer referenced
+    say(f"added {precision} graphs to {root}: {', '.join(s['graphs'][precision]['file'] for s in data['stages'])}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
+    fid = report["fidelity"]
+    keys = [k for k in ("images", "held_out", "decision_agreement", "max_probability_diff", "mean_probability_diff",
+                        "accuracy_fp32", "accuracy_quantized", "ece_change", "pixel_agreement", "dice_vs_fp32",
+                        "hd95_vs_fp32", "dice_fp32", "dice_quantized", "dice_change", "hd95_change") if k in fid]
+    say(f"fidelity of {report['precision']} against fp32:")
+    for key in keys:
+        say(f"  {key:<24} {_fmt(fid[key])}")
+    for name, change in (fid.get("recall_change") or {}).items():
+        say(f"  recall change {name:<10} {change:+.4f}")
+    target = report.get("target")
+    if target:
+        state = "reached" if target["reached"] else "NOT reached"
+        extra = f", {len(target.get('nodes_to_exclude', []))} node(s) kept in float" if "nodes_to_exclude" in target else ""
+        say(f"  target agreement {target['target_agreement']:.4f} {state}: {target['agreement']:.4f}{extra}")

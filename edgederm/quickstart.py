@@ -69,8 +69,11 @@ def run_quickstart(out: str | Path, n_per_class: int = 200, epochs: int = 6, see
     _say("[3/5] exporting to ONNX (dynamo exporter) with a torch parity check")
     t = time.time()
     bundle = export_bundle(model, out / "bundle", preprocess=preprocess, overwrite=True,
-                           clinical={"temperature": train_report["temperature"], "review_threshold": 0.6,
-                                     "review_classes": ["vascular"]},
+                           # Training's clinical settings (temperature, malignancy threshold, not-skin
+                           # reference) plus quickstart's review policy.
+                           clinical={**train_report.get("clinical", {}), "temperature": train_report["temperature"],
+                                     "review_threshold": 0.6,
+                                     "review_classes": sorted({"vascular", *train_report.get("clinical", {}).get("review_classes", [])})},
                            progress=lambda m: _say("      " + m))
     steps["export_s"] = time.time() - t
 

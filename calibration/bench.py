@@ -1,0 +1,258 @@
+"""CPU precision benchmark of the window encoder: which INT8 form is fastest at equal decisions.
+
+``edgederm bench-precision`` runs this. The issue's target: INT8 window encoder
+(ViT-S/16 on 256x256 windows, batch 8, 2 threads) at >= 2x the fp32 throughput of
+ONNX Runtime with >= 99% decision agreement; reference points PyTorch fp32 and
+PyTorch bf16 autocast on the same machine, same run.
+
+Decisions:
+- Model: RemixFormer++'s window encoder at paper size (edgederm.models.remixformer
+  WindowEncoder: ViT-S/16 384/12/6 + texture attention), seeded random weights; no
+  checkpoint can be downloaded here. Exported once with the SDK's exporter.
+- Data: synthetic dermoscopy cases (edgederm.data.synthetic) cut into windows by the
+  runtime's own window code (calibration/data.py ``image_windows``); calibration and
+  evaluation images are disjoint.
+- "Decision": an encoder has no decision of its own, so a linear probe (ridge
+  regression, one-vs-rest over the synthetic classes) is fitted on the fp32
+  embeddings of the calibration windows and applied to every variant's embeddings
+  of the evaluation windows; agreement = equal argmax. The cosine similarity of the
+  embeddings to fp32 is reported too (a decision-free figure).
+- Throughput: windows/s of one fixed batch, after warm-up, timed round robin (one
+  batch per variant per round) and the median per variant kept: the machine is
+  shared, and a load change then hits every variant alike instead of whichever was
+  being timed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # "ort" | "torch"
+    build: Callable[[Path], Path] | None = None  # fp32 graph -> variant graph
+    note: str = ""
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _windows(seeds: range, size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    from edgederm.data.synthetic import generate_case
+    from edgederm.runtime.preprocess import PreprocessConfig
+
+    from .data import image_windows
+
+    config = PreprocessConfig(input_size=(size, size))
+    xs, ys = [], []
+    grid = size // window
+    for seed in seeds:
+        case = generate_case(seed=seed, size=size)
+        xs.append(image_windows(case.image, config, window, grid, grid))
+        ys += [case.label] * grid * grid
+    return np.concatenate(xs), np.array(ys)
+
+
+def _probe(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mean, std = embeddings.mean(0), embeddings.std(0) + 1e-6
+    z = (embeddings - mean) / std
+    targets = np.eye(classes)[labels]
+    ridge = 1.0 * len(z)
+    w = np.linalg.solve(z.T @ z + ridge * np.eye(z.shape[1]), z.T @ targets)
+    return mean, std, w
+
+
+def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int = 8, threads: int = 2,
+                  window: int = 256, calib_images: int = 8, eval_images: int = 32, seconds: float = 6.0,
+                  variants: list[str] | None = None, say: Callable[[str], None] = print, seed: int = 0,
+                  small: bool = False) -> list[dict[str, Any]]:
+    """Measure every variant; returns one row per variant (name, windows/s, speed-up, agreement, cosine)."""
+    import torch
+
+    from edgederm.export.onnx import export_stage_onnx
+    from edgederm.models.base import ExportStage
+    from edgederm.models.remixformer import WindowEncoder
+
+    from .graphs import QuantSettings, quantize_dynamic_graph, quantize_graph
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    dims: dict[str, Any] = dict(dim=64, depth=2, heads=2, templates=8, scales=(1, 2)) if small else {}
+    encoder = WindowEncoder(window, 16, **dims).eval()
+    work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgederm-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fp32_path = work / "window_encoder.fp32.onnx"
+    say(f"exporting the window encoder ({sum(p.numel() for p in encoder.parameters()) / 1e6:.1f} M parameters, "
+        f"{window}x{window} windows) to {fp32_path}")
+    stage = ExportStage("window_encoder", encoder, {"windows": torch.randn(batch, 3, window, window)},
+                        ["window_embeddings"], image_inputs=["windows"])
+    if not fp32_path.exists():
+        export_stage_onnx(stage, fp32_path)
+    size = 2 * window
+    calib_x, calib_y = _windows(range(1000 + seed, 1000 + seed + calib_images), size, window)
+    eval_x, _ = _windows(range(5000 + seed, 5000 + seed + eval_images), size, window)
+    feeds = [{"windows": calib_x[i:i + batch]} for i in range(0, len(calib_x), batch)]
+    say(f"{len(calib_x)} calibration windows, {len(eval_x)} evaluation windows, batch {batch}, {threads} threads")
+
+    def static(fmt: str, act: str, per_channel: bool = True, method: str = "minmax") -> Callable[[Path], Path]:
+        def build(out: Path) -> Path:
+            quantize_graph(fp32_path, out, feeds, settings=QuantSettings(method=method, per_channel=per_channel,
+                                                                         format=fmt, activation_type=act))
+            return out
+        return build
+
+    def dynamic(per_channel: bool, weights_only: bool = True) -> Callable[[Path], Path]:
+        def build(out: Path) -> Path:
+            quantize_dynamic_graph(fp32_path, out, per_channel=per_channel, weights_only_matmul=weights_only)
+            return out
+        return build
+
+    def fp16(out: Path) -> Path:
+        from .fp16 import convert_to_fp16
+
+        convert_to_fp16(fp32_path, out)
+        return out
+
+    def fused_dynamic(out: Path) -> Path:
+        # ORT's transformer optimizer (LayerNorm/GELU/attention fusions) first, then
+        # dynamic MatMul quantization of the fused graph: the BERT-on-CPU recipe.
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = out.with_name(out.stem + ".fused.onnx")
+        model = optimize_model(str(fp32_path), model_type="vit", num_heads=int(getattr(encoder.vit.blocks[0].attn, "heads")),
+                               hidden_size=encoder.vit.dim, opt_level=1)
+        model.save_model_to_file(str(fused))
+        graph = onnx.load(str(fused))
+        del graph.graph.value_info[:]
+        onnx.save(graph, str(fused))
+        quantize_dynamic_graph(fused, out, per_channel=True)
+        return out
+
+    def nbits8(out: Path) -> Path:
+        # Weight-only int8 in blocks of 32 (MatMulNBits) with accuracy_level 4: the
+        # activations are quantized to int8 per block at run time (ORT's "qnbit" kernels).
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32_path)), bits=8, block_size=32, is_symmetric=True,
+                                         accuracy_level=4)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out))
+        return out
+
+    catalogue = [
+        Variant("ort_fp32", "ort", lambda out: fp32_path),
+        Variant("ort_int8_static_qdq_u8s8", "ort", static("qdq", "uint8")),
+        Variant("ort_int8_static_qdq_u8s8_per_tensor", "ort", static("qdq", "uint8", per_channel=False)),
+        Variant("ort_int8_static_qoperator_u8s8", "ort", static("qoperator", "uint8")),
+        Variant("ort_int8_static_qdq_s8s8", "ort", static("qdq", "int8")),
+        Variant("ort_int8_static_qoperator_s8s8", "ort", static("qoperator", "int8")),
+        Variant("ort_int8_dynamic_matmul", "ort", dynamic(True), "weights per channel, MatMul with constant B only"),
+        Variant("ort_int8_dynamic_matmul_per_tensor", "ort", dynamic(False)),
+        Variant("ort_int8_dynamic_all_matmul", "ort", dynamic(True, weights_only=False), "attention MatMuls too"),
+        Variant("ort_fused_int8_dynamic", "ort", fused_dynamic, "ORT transformer fusions, then dynamic MatMul"),
+        Variant("ort_int8_matmulnbits_acc4", "ort", nbits8, "MatMulNBits 8-bit weights, block 32, int8 compute"),
+        Variant("ort_fp16", "ort", fp16, "ORT CPU has no fast fp16 GEMM on this CPU (casts inserted)"),
+        Variant("torch_fp32", "torch"),
+        Variant("torch_bf16_autocast", "torch"),
+    ]
+    if variants:
+        unknown = set(variants) - {v.name for v in catalogue}
+        if unknown:
+            from edgederm.runtime.errors import InputError
+
+            raise InputError(f"unknown variants {sorted(unknown)}; choose from {[v.name for v in catalogue]}")
+        catalogue = [v for v in catalogue if v.name in variants or v.name == "ort_fp32"]
+
+    bench_batch = np.ascontiguousarray(eval_x[:batch])
+    rows: list[dict[str, Any]] = []
+    runners: list[Callable[[np.ndarray], np.ndarray]] = []
+    reference: np.ndarray | None = None
+    probe = None
+    calib_ref: np.ndarray | None = None
+    for variant in catalogue:
+        say(f"- {variant.name}")
+        t0 = time.perf_counter()
+        if variant.kind == "ort":
+            assert variant.build is not None
+            path = variant.build(work / f"window_encoder.{variant.name}.onnx")
+            build_s = time.perf_counter() - t0
+            session = _session(path, threads)
+            name = session.get_inputs()[0].name
+
+            def infer_ort(x: np.ndarray, session: Any = session, name: str = name) -> np.ndarray:
+                return session.run(None, {name: x})[0]
+
+            infer: Callable[[np.ndarray], np.ndarray] = infer_ort
+
+            size_mb = path.stat().st_size / 2**20
+        else:
+            build_s = 0.0
+            autocast = variant.name.endswith("bf16_autocast")
+
+            def infer_torch(x: np.ndarray, autocast: bool = autocast) -> np.ndarray:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    return encoder(torch.from_numpy(x)).float().numpy()
+
+            infer = infer_torch
+
+            size_mb = float("nan")
+        outputs = np.concatenate([infer(np.ascontiguousarray(eval_x[i:i + batch])) for i in range(0, len(eval_x), batch)])
+        if reference is None:
+            reference = outputs
+            calib_ref = np.concatenate([infer(f["windows"]) for f in feeds])
+            probe = _probe(calib_ref, calib_y, int(calib_y.max()) + 1)
+        assert probe is not None
+        mean, std, w = probe
+        decided = (((outputs - mean) / std) @ w).argmax(1)
+        expected = (((reference - mean) / std) @ w).argmax(1)
+        cos = np.sum(outputs * reference, 1) / (np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
+        row = {"variant": variant.name, "agreement": round(float((decided == expected).mean()), 4),
+               "cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5),
+               "build_s": round(build_s, 1), "size_mb": round(size_mb, 1), "note": variant.note}
+        rows.append(row)
+        runners.append(infer)
+        say(f"    agreement {row['agreement']:.4f}, cosine {row['cosine_mean']:.5f} (min {row['cosine_min']:.5f})")
+    # Timing round robin: one batch per variant per round, so a change in the load of
+    # this shared machine hits every variant alike; the median per variant is kept.
+    say(f"timing: round robin over {len(rows)} variants, about {seconds:.0f} s each")
+    times: list[list[float]] = [[] for _ in rows]
+    for run in runners:
+        run(bench_batch)  # warm-up
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds * len(rows) or min(len(t) for t in times) < 3:
+        for k, run in enumerate(runners):
+            t0 = time.perf_counter()
+            run(bench_batch)
+            times[k].append(time.perf_counter() - t0)
+        if min(len(t) for t in times) >= 50:
+            break
+    for row, t in zip(rows, times):
+        row["windows_per_s"] = round(batch / statistics.median(t), 1)
+        row["rounds"] = len(t)
+    base = rows[0]["windows_per_s"]
+    for row in rows:
+        row["speedup_vs_ort_fp32"] = round(row["windows_per_s"] / base, 2)
+    return rows

@@ -1,0 +1,340 @@
+"""Producing one reduced-precision ONNX graph: static INT8 (QDQ / QOperator), dynamic INT8.
+
+Decisions:
+- Static INT8 through ONNX Runtime's ``quantize_static`` (QDQ by default: the form
+  TensorRT's explicit quantization and ORT's CPU/GPU kernels both take) or, for
+  TensorRT targets, through nvidia-modelopt's ONNX quantization when it is installed
+  (``backend="modelopt"``; imported lazily, never at module top).
+- Only Conv, MatMul and Gemm inputs are quantized (``QUANTIZED_OPS``), so LayerNorm,
+  Softmax, GELU (Erf arithmetic at opset 18) and output Sigmoid/Softmax stay in float
+  (specs/MODELS.md). tests/test_calibration.py checks the graph: no DequantizeLinear
+  feeds those ops.
+- Weights int8, symmetric, per channel by default. Activations: uint8 asymmetric by
+  default, the fast U8S8 kernels of x86 CPUs (ORT's S8S8 path is several times
+  slower there); ``activation_type="int8"`` gives symmetric int8 activations with
+  zero-point 0, the only form TensorRT accepts (use it, or modelopt, for engines).
+- Dynamic INT8 (``quantize_dynamic_graph``): weights quantized offline, activations
+  per batch at run time; MatMul only by default (ConvInteger is slow on ORT CPU).
+  A CPU-only option: TensorRT needs static QDQ. Stored as precision "int8_dynamic".
+- ORT's QDQ quantizer shares one Q/DQ pair between all consumers of a tensor, so a
+  LayerNorm or Sigmoid that reads the output of a quantized MatMul would read the
+  int8-rounded value. After quantization every consumer that is not one of
+  ``QUANTIZED_OPS`` is rewired to the float tensor (:func:`keep_float_consumers`),
+  and a quantized graph output is restored to float: only Conv/MatMul/Gemm see INT8.
+- Graphs go through ``quant_pre_process`` (shape inference + ORT basic optimisation)
+  first; the prepared fp32 graph is kept by callers as the float reference for
+  returning nodes to float (calibration/sensitivity.py).
+- Every file is written to a temporary name and renamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from edgederm.runtime.errors import EdgeDermError, InputError
+from edgederm.runtime.optional import optional_import
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "entropy", "percentile")
+FORMATS = ("qdq", "qoperator")
+INT8_TYPES = ("uint8", "int8")
+BACKENDS = ("onnxruntime", "modelopt")
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# Ops whose inputs must never come out of a DequantizeLinear (they stay float).
+FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Gelu", "Sigmoid", "BatchNormalization",
+                  "InstanceNormalization", "GroupNormalization")
+
+
+class QuantizeError(EdgeDermError):
+    """A graph could not be quantized, or a quantized graph misses its target."""
+
+
+@dataclass
+class QuantSettings:
+    """Everything that decides how a static INT8 graph is made (stored in the bundle)."""
+
+    method: str = "minmax"
+    per_channel: bool = True
+    format: str = "qdq"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    backend: str = "onnxruntime"
+    op_types: tuple[str, ...] = QUANTIZED_OPS
+    nodes_to_exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("method", self.method, METHODS), ("format", self.format, FORMATS),
+                                    ("activation_type", self.activation_type, INT8_TYPES),
+                                    ("weight_type", self.weight_type, INT8_TYPES), ("backend", self.backend, BACKENDS)):
+            if value not in allowed:
+                raise InputError(f"{key} {value!r} is not supported; choose one of {', '.join(allowed)}")
+        if self.backend == "modelopt" and (self.format != "qdq" or self.activation_type != "int8"):
+            raise InputError("the modelopt backend writes TensorRT QDQ (int8 activations, format qdq); "
+                             "pass activation_type='int8' and format='qdq' with it")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend, "method": self.method, "per_channel": self.per_channel,
+            "format": self.format.upper() if self.format == "qdq" else "QOperator",
+            "activation_type": self.activation_type, "weight_type": self.weight_type,
+            "activation_symmetric": self.activation_type == "int8", "quantized_ops": list(self.op_types),
+            "tensorrt_compatible": self.format == "qdq" and self.activation_type == "int8" and self.weight_type == "int8",
+        }
+
+
+def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            self._it = iter(feeds)
+
+    return _Feeds()
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file next to ``dst`` and one rename."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def prepare_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
+    """``quant_pre_process`` (shapes, basic fusions) into ``out_path``; a copy if it fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out_path)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+    except Exception as exc:  # pre-processing only helps; quantize the raw graph if it fails
+        log.warning("quantization pre-processing skipped for %s: %s", Path(fp32_path).name, exc)
+        shutil.copyfile(fp32_path, out)
+    return out
+
+
+def quantize_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
+                   feeds: Sequence[dict[str, np.ndarray]], method: str = "minmax", per_channel: bool = True,
+                   settings: QuantSettings | None = None, prepared: bool = False) -> QuantSettings:
+    """Static INT8 quantization of one graph, calibrated on ``feeds`` (a list of input dicts).
+
+    ``settings`` overrides ``method``/``per_channel``. ``prepared=True``: ``fp32_path``
+    already went through :func:`prepare_graph`.
+    """
+    settings = settings or QuantSettings(method=method, per_channel=per_channel)
+    if not feeds:
+        raise QuantizeError(f"no calibration batches for {Path(fp32_path).name}; give at least one input dict")
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(fp32_path) if prepared else prepare_graph(fp32_path, Path(tmp) / "prepared.onnx")
+        staged = Path(tmp) / "quantized.onnx"
+        if settings.backend == "modelopt":
+            _quantize_modelopt(source, staged, feeds, settings)
+        else:
+            _quantize_ort(source, staged, feeds, settings)
+        atomic_copy(staged, out_path)
+    return settings
+
+
+def equal_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The same rows re-cut into batches of one size (ORT's histogram calibrators stack the
+    batches and fail on a shorter last one): the largest size <= the first batch's that
+    divides the total."""
+    names = list(feeds[0])
+    rows = {n: np.concatenate([f[n] for f in feeds]) for n in names}
+    total = len(rows[names[0]])
+    size = max(d for d in range(1, len(feeds[0][names[0]]) + 1) if total % d == 0)
+    return [{n: rows[n][i:i + size] for n in names} for i in range(0, total, size)]
+
+
+def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                 "percentile": CalibrationMethod.Percentile}[s.method]
+    extra: dict[str, Any] = {
+        "ActivationSymmetric": s.activation_type == "int8", "WeightSymmetric": True,
+        "CalibMovingAverage": s.method == "minmax",
+    }
+    if s.method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    if s.method != "minmax":
+        feeds = equal_batches(feeds)
+    quantize_static(
+        str(source), str(staged), _reader(feeds),
+        quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
+        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
+        activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,
+        nodes_to_exclude=list(s.nodes_to_exclude), extra_options=extra,
+    )
+    if s.format == "qdq":
+        import onnx
+
+        model = onnx.load(str(staged))
+        keep_float_consumers(model, s.op_types)
+        onnx.save(model, str(staged))
+
+
+def _quantize_modelopt(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
+    """TensorRT-oriented QDQ placement (per-tensor int8 activations) by nvidia-modelopt.
+
+    Runs in a child process: modelopt patches onnxruntime.quantization's calibrators
+    in place when it quantizes, which would change every later ORT quantization in
+    this process (seen with modelopt 0.47 + ORT 1.31).
+    """
+    import multiprocessing
+
+    optional_import("modelopt.onnx.quantization", "TensorRT-oriented INT8 QDQ (--backend modelopt)")
+    if s.method == "percentile":
+        raise InputError("modelopt calibrates with 'minmax' (max) or 'entropy'; percentile is ORT-only")
+    names = list(feeds[0])
+    data_path = staged.with_suffix(".calib.npz")
+    arrays: dict[str, Any] = {n: np.concatenate([f[n] for f in feeds]) for n in names}
+    np.savez(data_path, **arrays)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_modelopt_child, args=(str(source), str(staged), str(data_path), s.method, list(s.op_types),
+                                      list(s.nodes_to_exclude)))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or not staged.exists():
+        raise QuantizeError(f"nvidia-modelopt failed to quantize {source.name} (exit code {child.exitcode}); "
+                            "see its log above, or use --backend onnxruntime --activation-type int8")
+
+
+def _modelopt_child(source: str, staged: str, data_path: str, method: str, op_types: list[str],
+                    nodes_to_exclude: list[str]) -> None:
+    import logging as _logging
+
+    mq = optional_import("modelopt.onnx.quantization", "TensorRT-oriented INT8 QDQ (--backend modelopt)")
+    _logging.getLogger("modelopt").setLevel(_logging.CRITICAL)  # "no GPU/NVML" noise on CPU machines
+    with np.load(data_path) as archive:
+        data = {k: archive[k] for k in archive.files}
+    mq.quantize(
+        source, quantize_mode="int8", calibration_data=data,
+        calibration_method="max" if method == "minmax" else "entropy", calibration_eps=["cpu"],
+        op_types_to_quantize=op_types, nodes_to_exclude=nodes_to_exclude or None,
+        high_precision_dtype="fp32", output_path=staged, log_level="ERROR",
+    )
+
+
+def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
+                           per_channel: bool = True, weight_type: str = "int8",
+                           op_types: Iterable[str] = ("MatMul",), weights_only_matmul: bool = True) -> dict[str, Any]:
+    """Dynamic INT8 (CPU only): int8 weights, activation ranges computed per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if weight_type not in INT8_TYPES:
+        raise InputError(f"weight_type {weight_type!r} is not supported; choose one of {', '.join(INT8_TYPES)}")
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        import onnx
+
+        # The exporter's value_info contradicts onnx shape inference on some graphs
+        # ("inferred shape and existing shape differ", ORT 1.31); quantize_dynamic
+        # re-infers shapes itself, so start from a graph without it.
+        model = onnx.load(str(fp32_path))
+        del model.graph.value_info[:]
+        staged = Path(tmp) / "dynamic.onnx"
+        quantize_dynamic(model, str(staged), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                         weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+                         # DefaultTensorType: graphs with contrib ops (ORT's fused transformer
+                         # ops) leave some tensors without an inferred type; they are float.
+                         extra_options={"MatMulConstBOnly": weights_only_matmul,
+                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
+        atomic_copy(staged, out_path)
+    return {"backend": "onnxruntime", "mode": "dynamic", "per_channel": per_channel, "weight_type": weight_type,
+            "activation_type": "uint8 (per batch, at run time)", "quantized_ops": list(op_types),
+            "matmul_weights_only": weights_only_matmul, "tensorrt_compatible": False}
+
+
+def float_only_violations(model: Any) -> list[str]:
+    """Nodes of FLOAT_ONLY_OPS that take an input straight from a DequantizeLinear (should be none)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    bad = []
+    for node in model.graph.node:
+        if node.op_type in FLOAT_ONLY_OPS:
+            for name in node.input:
+                src = producers.get(name)
+                if src is not None and src.op_type == "DequantizeLinear":
+                    bad.append(f"{node.name} ({node.op_type}) <- {src.name}")
+    return bad
+
+
+def remove_unused(model: Any) -> None:
+    """Drop nodes whose outputs nobody reads, and initializers nobody uses (in place)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:
+    """Rewire every non-quantized consumer of an activation Q/DQ pair to the float tensor.
+
+    Returns the number of inputs rewired. Quantized graph outputs become Identity of
+    the float tensor. Unused Q/DQ nodes are removed.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    keep = set(quantized_ops) | {"QuantizeLinear", "DequantizeLinear"}
+
+    def float_source(name: str) -> str | None:
+        dq = producers.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in initializers:
+            return None
+        q = producers.get(dq.input[0])
+        return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
+
+    rewired = 0
+    for node in graph.node:
+        if node.op_type in keep:
+            continue
+        for i, name in enumerate(node.input):
+            src = float_source(name)
+            if src is not None:
+                node.input[i] = src
+                rewired += 1
+    for out in graph.output:
+        dq = producers.get(out.name)
+        src = float_source(out.name)
+        if dq is not None and src is not None:
+            index = list(graph.node).index(dq)
+            graph.node.remove(dq)
+            graph.node.insert(index, helper.make_node("Identity", [src], [out.name], name=f"{out.name}_float"))
+            rewired += 1
+    remove_unused(model)
+    return rewired
