@@ -47,21 +47,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from edgederm.models import create_model
-    from edgederm.runtime.preprocess import PreprocessConfig
-    from edgederm.train import TrainConfig, read_image_folder, train
+    # One implementation for `edgederm train` and `torchrun ... -m edgederm.train`.
+    from edgederm.train import run_cli
 
-    probe = create_model(args.model)
-    config = PreprocessConfig(input_size=tuple(probe.input_size), color_constancy=args.color_constancy,
-                              hair_removal=args.hair_removal)
-    print(f"reading {args.data} at {config.input_size[0]}x{config.input_size[1]} ...", file=sys.stderr)
-    data = read_image_folder(args.data, config)
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
-    _, report = train(data, cfg, out_dir=args.out, preprocess=config)
-    print(f"checkpoint written to {args.out} (val accuracy {report['val_accuracy']:.3f})")
-    if args.json:
-        _print_json(report)
-    return 0
+    return run_cli(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -77,10 +66,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from edgederm.calibration import quantize_bundle
 
+    target = None if args.no_fallback else args.target_agreement
     report = quantize_bundle(args.bundle, args.calib, precision=args.precision, method=args.method,
-                             per_channel=not args.per_tensor, max_images=args.max_images, eval_dir=args.eval, seed=args.seed)
+                             per_channel=not args.per_tensor, max_images=args.max_images, eval_dir=args.eval, seed=args.seed,
+                             target_agreement=target, format=args.format, activation_type=args.activation_type,
+                             backend=args.backend, sensitivity_seconds=args.sensitivity_seconds,
+                             say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(report)
+    target_report = report.get("target") or {}
+    return 0 if target_report.get("reached", True) else 3
+
+
+def cmd_bench_precision(args: argparse.Namespace) -> int:
+    from edgederm.calibration.bench import run_benchmark
+
+    rows = run_benchmark(args.out, batch=args.batch, threads=args.threads, window=args.window, calib_images=args.calib_images,
+                         eval_images=args.eval_images, seconds=args.seconds, variants=args.variant or None, small=args.small,
+                         say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, ["variant", "windows_per_s", "speedup_vs_ort_fp32", "agreement", "cosine_mean", "cosine_min", "size_mb", "note"]))
     return 0
 
 
@@ -94,8 +101,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
             metadata = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EdgeDermError(f"--metadata is neither a JSON file nor JSON text ({exc}); example: '{{\"age\": 54, \"sex\": \"female\"}}'") from exc
-    model = load(args.bundle, backend=args.backend, precision=args.precision)
+    model = load(args.bundle, backend=args.backend, precision=args.precision,
+                 memory_budget=getattr(args, "memory_budget", None))
     result = model.predict_file(args.image, metadata=metadata)
+    if getattr(args, "overlay", None):
+        from edgederm.runtime.imageio import read_image
+        from edgederm.runtime.overlay import write_overlay
+
+        if result.mask is None and result.heatmap is None:
+            print(f"note: --overlay not written: {args.bundle} gives no mask or heatmap (a classifier)", file=sys.stderr)
+        else:
+            write_overlay(args.overlay, read_image(args.image), result.mask, result.heatmap)
+            print(f"overlay written to {args.overlay}", file=sys.stderr)
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -105,6 +122,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"backend {result.backend}, precision {result.precision}, total {result.timings.get('total', 0):.1f} ms")
         for note in result.notes:
             print(f"note: {note}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from edgederm.export.tensorrt import build_engines
+
+    entries = build_engines(args.bundle, precision=args.precision, workspace=args.workspace, dla=args.dla,
+                            timing_cache=args.timing_cache, memory_budget=args.memory_budget,
+                            calibration_cache=args.calibration_cache, strongly_typed=args.strongly_typed)
+    if args.json:
+        _print_json(entries)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edgederm.bench import BenchConfig, format_report, parse_sizes, plot_report, run_bench
+
+    engines = ["edgederm"] + ([] if args.peers == "none" else [e.strip() for e in args.peers.split(",") if e.strip()])
+    config = BenchConfig(bundle=args.bundle, sizes=parse_sizes(args.sizes), engines=engines, checkpoint=args.checkpoint,
+                         torch_model=args.torch_model, precision=args.precision, memory_budget=args.memory_budget,
+                         threads=args.threads)
+    report = run_bench(config)
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
     return 0
 
 
@@ -159,17 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a registered model on an image folder -> checkpoint",
                        description="Train on DATA (labels.csv + images/). Writes a checkpoint folder: model.safetensors + config.json (no pickle).")
-    p.add_argument("data", type=Path, help="folder with labels.csv and images/")
-    p.add_argument("--model", default="hifuse_tiny", help="registered model name (see `edgederm models`)")
-    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--color-constancy", choices=["none", "gray_world", "gwsd"], default="none")
-    p.add_argument("--hair-removal", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the training report as JSON")
+    from edgederm.train import add_train_arguments  # no torch at import; the options live with the trainer
+
+    add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="checkpoint or model name -> ONNX bundle, parity checked against PyTorch",
@@ -181,18 +219,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quantize", help="add an INT8 graph to a bundle (static QDQ, calibrated)",
-                       description="Calibrate on images read through the runtime preprocessing and add INT8 QDQ graphs to BUNDLE. With --eval, report agreement with fp32 on held-out images.")
+    p = sub.add_parser("quantize", help="add an INT8 / FP16 graph per stage to a bundle, with a fidelity report",
+                       description="Calibrate on images read through the runtime preprocessing (tiles for segmenters, windows "
+                                   "for windowed stages, earlier stages' fp32 outputs for later stages) and add int8 (static QDQ), "
+                                   "fp16 or int8_dynamic (CPU only) graphs to BUNDLE. Nodes return to float until the end-to-end "
+                                   "decision agreement with fp32 reaches --target-agreement. Fidelity against fp32 on --eval "
+                                   "(or the unused calibration images) is printed and stored in the manifest. "
+                                   "Exit status 3 when the target was not reached.")
     p.add_argument("bundle", type=Path)
     p.add_argument("--calib", required=True, type=Path, help="folder of calibration images (or labels.csv + images/)")
-    p.add_argument("--precision", default="int8", choices=["int8"])
+    p.add_argument("--precision", default="int8", choices=["int8", "fp16", "int8_dynamic"],
+                   help="int8: static QDQ (CPU, ORT-GPU, TensorRT); fp16: GPU/TensorRT; int8_dynamic: CPU only")
     p.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales instead of per-channel")
+    p.add_argument("--target-agreement", type=float, default=0.99,
+                   help="decision agreement with fp32 to reach; the most sensitive nodes go back to float (default 0.99)")
+    p.add_argument("--no-fallback", action="store_true", help="keep every node in INT8 whatever the agreement")
+    p.add_argument("--format", default="qdq", choices=["qdq", "qoperator"], help="ONNX form of the int8 graph (qdq for TensorRT)")
+    p.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
+                   help="uint8 asymmetric (fast on x86 CPUs) or int8 symmetric (what TensorRT takes)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "modelopt"],
+                   help="modelopt: TensorRT-oriented QDQ placement by nvidia-modelopt (needs --activation-type int8)")
+    p.add_argument("--sensitivity-seconds", type=float, default=60.0, help="time budget of the per-node sensitivity, per stage")
     p.add_argument("--max-images", type=int, default=64, help="calibration images to sample (seeded, stratified)")
     p.add_argument("--eval", type=Path, default=None, help="held-out folder for the fidelity report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("bench-precision", help="CPU benchmark: window encoder fp32 vs INT8 forms (QDQ/QOperator, U8S8/S8S8, dynamic) vs PyTorch",
+                       description="RemixFormer++'s window encoder (ViT-S/16, 256 px windows) exported and quantized in every "
+                                   "CPU form; windows/s, speed-up over ONNX Runtime fp32, decision agreement of a linear probe "
+                                   "and embedding cosine against fp32; PyTorch fp32 and bf16 autocast as references.")
+    p.add_argument("--out", type=Path, default=None, help="folder for the graphs (default: a temporary folder)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--calib-images", type=int, default=8, help="synthetic 2x2-window images for calibration")
+    p.add_argument("--eval-images", type=int, default=32, help="synthetic 2x2-window images for agreement")
+    p.add_argument("--seconds", type=float, default=6.0, help="timing per variant")
+    p.add_argument("--variant", action="append", help="only this variant (repeatable); ort_fp32 always runs")
+    p.add_argument("--small", action="store_true", help="a small encoder (smoke test), not ViT-S")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_precision)
 
     p = sub.add_parser("predict", help="run a bundle on an image file",
                        description="Load BUNDLE (hashes verified) and predict IMAGE. No torch needed.")
@@ -200,9 +269,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path)
     p.add_argument("--metadata", help='JSON text or file, e.g. \'{"age": 54, "sex": "female", "site": "back"}\'')
     p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | int8 (what the bundle holds)")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
     p.add_argument("--json", action="store_true", help="print label, probabilities, review, backend, precision, timings as JSON")
+    p.add_argument("--overlay", type=Path, default=None, metavar="PNG", help="write the mask outline and heatmap over the image (segmenters)")
+    p.add_argument("--memory-budget", default=None, help="plan the tile batch for this budget, e.g. 1.5GiB or 800MB")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="latency, tiles/s, peak memory and GFLOP/s per image size, against PyTorch eager and MONAI",
+                       description="Benchmark BUNDLE on synthetic images of each --sizes side; each size and engine in its own "
+                                   "process (honest peak RSS). Peers (torch eager; MONAI sliding_window_inference for "
+                                   "segmenters) need the same weights: --checkpoint CKPT.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--sizes", default="1024,2048,4096", help="comma-separated image sides in pixels (default 1024,2048,4096)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint of the bundle's model (for the torch/MONAI peers)")
+    p.add_argument("--torch-model", default=None, metavar="MODULE:CALLABLE",
+                   help="build the peers' torch model with this callable (a model outside the registry); weights from --checkpoint if given")
+    p.add_argument("--peers", default="torch,monai", help="comma-separated peers: torch, monai; or none")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
+    p.add_argument("--memory-budget", default=None, help="memory budget for the runtime, e.g. 1.5GiB")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: min(2, cores))")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write latency and memory against megapixels")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("build", help="build TensorRT engines for this device's GPU from a bundle (needs TensorRT)",
+                       description="Build one TensorRT engine per stage from BUNDLE's ONNX graphs on this machine's GPU "
+                                   "(int8: explicit quantization from the QDQ graph), in a child process, and record "
+                                   "GPU, compute capability, TensorRT version and profile shapes in the manifest.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--precision", default="fp16", choices=["fp16", "int8"])
+    p.add_argument("--workspace", default=None, help="TensorRT workspace limit, e.g. 512MiB (default: from --memory-budget, else 1GiB)")
+    p.add_argument("--memory-budget", default=None, help="device memory budget, e.g. 3.5GiB: sets workspace, tactic memory and the tile batch")
+    p.add_argument("--dla", type=int, default=None, metavar="N", help="build for DLA core N (Orin NX / AGX Orin), GPU fallback on")
+    p.add_argument("--timing-cache", type=Path, default=None, metavar="DIR", help="timing-cache folder (default ~/.cache/edgederm/tensorrt)")
+    p.add_argument("--calibration-cache", type=Path, default=None, help="TensorRT 8.5 implicit INT8 from this calibration cache")
+    p.add_argument("--strongly-typed", action="store_true", help="TensorRT 10: types from the graph, no precision flags")
+    p.add_argument("--json", action="store_true", help="print the new manifest entries as JSON")
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("doctor", help="what this machine can run: backends, GPU, memory",
                        description="Report Python, numpy, OpenCV, ONNX Runtime providers, torch/TensorRT availability, CPU features and memory.")

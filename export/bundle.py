@@ -62,11 +62,16 @@ def export_bundle(
     rtol: float = 1e-4,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    profile_memory: bool | None = None,
 ) -> Path:
     """Export every stage of ``model`` to ONNX and write a verified bundle to ``out_dir``.
 
     ``verify`` runs ONNX Runtime against torch at batch 1 and 5 for each stage and
     refuses (ExportError) a graph whose relative error exceeds ``rtol``.
+    ``profile_memory`` measures the memory line (fixed + per-tile slope) of the tiled
+    stage in subprocesses (export/memory_profile.py) and stores it as the manifest's
+    "memory"; None (default) does so for segmenters and windowed models only, so
+    classifier exports stay fast.
     """
     if not isinstance(model, EdgeDermModel):
         raise ExportError(
@@ -109,6 +114,17 @@ def export_bundle(
                 "outputs": [_tensor_spec(n, tuple(o.shape), "float32", {0: "batch"}) for n, o in zip(stage.outputs, outs)],
                 "graphs": {"fp32": graph_entry(path, staging)},
             })
+        preprocess_config = preprocess or default_preprocess(model)
+        tiling = tiling_section(model)
+        memory = None
+        if profile_memory if profile_memory is not None else bool(tiling):
+            from .memory_profile import measure_memory_profile
+
+            memory = measure_memory_profile(staging, stages_json, preprocess_config.to_dict(), model.task, say=say)
+            if memory is not None and tiling is not None:
+                tiling.setdefault("batch_size", default_tile_batch(memory, tiling, model))
+        if tiling is not None:
+            tiling.setdefault("batch_size", 4)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -124,10 +140,11 @@ def export_bundle(
                 "input_size": list(model.input_size),
                 "metadata_schema": getattr(model, "metadata_schema", None),
             },
-            "preprocess": (preprocess or default_preprocess(model)).to_dict(),
+            "preprocess": preprocess_config.to_dict(),
             "stages": stages_json,
             "export": {"exporter": "torch.onnx dynamo", "opset": opset, "torch": _torch_version(), "parity": parity},
-            "tiling": getattr(model, "tiling", None),
+            "tiling": tiling,
+            "memory": memory,
             "calibration": None,
             "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
             **(extra or {}),
@@ -142,6 +159,46 @@ def export_bundle(
         raise
     say(f"bundle written to {out}")
     return out
+
+
+def tiling_section(model: nn.Module) -> dict[str, Any] | None:
+    """The manifest's "tiling": the model's own ``tiling`` dict, plus defaults.
+
+    Segmenters: tile = the input size, overlap 0.25, gaussian blending. Models with a
+    ``window_size`` (hierarchical window -> region classifiers): the window side and
+    the window grid (rows, cols) the region stage was exported for.
+    """
+    tiling = dict(getattr(model, "tiling", None) or {})
+    if getattr(model, "task", None) == "segment":
+        tiling.setdefault("tile", int(model.input_size[0]))  # type: ignore[union-attr, index]
+        tiling.setdefault("overlap", 0.25)
+        tiling.setdefault("blend", "gaussian")
+    window = getattr(model, "window_size", None)
+    if isinstance(window, int):
+        tiling.setdefault("window", window)
+        tiling.setdefault("grid", [int(v) for v in getattr(model, "window_grid")])
+    return tiling or None
+
+
+def default_tile_batch(memory: dict[str, Any], tiling: dict[str, Any], model: nn.Module,
+                       budget: str = "1.5GiB", side: int = 2048) -> int:
+    """Tile batch the planner picks for a ``side``^2 image under ``budget`` (the Orin Nano
+    aim in specs/JETSON.md); the runtime's default when no memory_budget is given."""
+    from edgederm.runtime.errors import MemoryBudgetError
+    from edgederm.runtime.memory import MemoryProfile, parse_size, plan_batch, segment_buffers, window_buffers
+
+    profile = MemoryProfile.from_manifest(memory)
+    if "window" in tiling:
+        rows, cols = tiling["grid"]
+        image, acc = window_buffers(side, side, int(tiling["window"]), int(rows), int(cols), 1024)
+    else:
+        tile = int(tiling["tile"])
+        stride = max(1, int(round(tile * (1 - float(tiling["overlap"])))))
+        image, acc = segment_buffers(side, side, tile, stride, int(getattr(model, "num_classes", 2)))
+    try:
+        return plan_batch(profile, parse_size(budget), image, acc, max_batch=16).batch_size
+    except MemoryBudgetError:
+        return 1
 
 
 def _torch_version() -> str:

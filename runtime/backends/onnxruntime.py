@@ -26,6 +26,23 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+_SHARED_ARENA: list[bool] = []  # registered once per process (ORT keeps it global)
+
+
+def _register_shared_cpu_arena(ort: object) -> bool:
+    """Register one CPU arena with ``kSameAsRequested`` growth for the process; False if ORT refuses."""
+    if not _SHARED_ARENA:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)  # type: ignore[attr-defined]
+            config = ort.OrtArenaCfg({"arena_extend_strategy": 1, "max_mem": 0,  # type: ignore[attr-defined]
+                                      "initial_chunk_size_bytes": -1, "max_dead_bytes_per_chunk": -1})
+            ort.create_and_register_allocator(info, config)  # type: ignore[attr-defined]
+            _SHARED_ARENA.append(True)
+        except Exception:  # an ORT build without env allocators: per-session arenas
+            _SHARED_ARENA.append(False)
+    return _SHARED_ARENA[0]
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -35,7 +52,13 @@ class OnnxRuntimeBackend(Backend):
         providers: list[str] | None = None,
         threads: int | None = None,
         optimized_cache: str | os.PathLike[str] | None = None,
+        arena: str = "session",
+        optimize: bool = True,
     ) -> None:
+        """``arena``: "session" (ORT's own per-session CPU arena), "same_as_requested"
+        (one process-wide CPU arena shared by all sessions that grows by exactly what
+        is requested, so peak memory is linear in the tile batch), or "off".
+        ``optimize=False`` loads a graph that is already optimised (a cached one)."""
         ort = optional_import("onnxruntime", "the ONNX Runtime backend")
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -43,9 +66,11 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.enable_mem_pattern = True
-        options.enable_cpu_mem_arena = True
-        options.add_session_config_entry("session.use_env_allocators", "0")
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_cpu_mem_arena = arena != "off"
+        shared_arena = arena == "same_as_requested" and _register_shared_cpu_arena(ort)
+        options.add_session_config_entry("session.use_env_allocators", "1" if shared_arena else "0")
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if optimized_cache is not None:
             # ORT writes the optimised graph once; later starts load it directly.
             options.optimized_model_filepath = str(optimized_cache)

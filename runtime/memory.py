@@ -1,0 +1,197 @@
+"""Memory planning: a budget ("1.5GiB") -> the tile batch that keeps the process under it.
+
+Model of the process peak (ARCHITECTURE.md, tiling and memory; specs/JETSON.md):
+
+    peak = fixed + per_tile x batch + image buffers + accumulators + margin
+
+* ``fixed`` and ``per_tile`` are *measured*, not guessed: at export,
+  ``edgederm.export.memory_profile`` runs the bundle's graphs in a fresh process
+  on this backend (ONNX Runtime, CPU) at two tile batches and fits a line through
+  the two process peaks (``ru_maxrss``). ``fixed`` therefore includes Python,
+  numpy, OpenCV, ONNX Runtime and every session of the bundle; ``per_tile`` the
+  activations, the arena growth, the uint8 tile and its float copy. The manifest
+  keeps them under ``"memory"`` with what they were measured on.
+* image buffers and accumulators are *computed* from the image size, since they
+  are plain numpy arrays whose size is known: the caller's uint8 image, the
+  uint8 mask and float32 heatmap at input resolution, the row band of the tiler
+  (``(K + 1) x tile x width`` float32) and its per-block temporaries; for windowed
+  classifiers the image resized to the window grid.
+* ``margin`` is a fixed fraction (:data:`MARGIN_FRACTION`) of the budget for
+  allocator fragmentation and measurement noise (JETSON.md: 10-15 %).
+
+The batch is ``floor((budget - fixed - image - accumulators - margin) / per_tile)``,
+capped at :data:`MAX_TILE_BATCH` (larger batches stop paying on CPUs and small
+GPUs) and at the number of tiles the image has. If not even one tile fits, a
+:class:`MemoryBudgetError` says the smallest budget that would.
+
+Sizes: ``parse_size`` takes an int (bytes) or a string with a unit. ``KiB, MiB,
+GiB`` are powers of 1024; ``kB, MB, GB`` powers of 1000 (SI); a bare ``K, M, G``
+(as in ``ulimit`` or ``docker -m``) is read as the binary unit.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import BundleError, InputError, MemoryBudgetError
+
+__all__ = [
+    "MARGIN_FRACTION", "MAX_TILE_BATCH", "MemoryProfile", "MemoryPlan", "parse_size", "format_size",
+    "segment_buffers", "window_buffers", "plan_batch",
+]
+
+MARGIN_FRACTION = 0.10
+MAX_TILE_BATCH = 32
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "kb": 1000,
+    "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+    "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: int | float | str) -> int:
+    """``"1.5GiB"``, ``"800MB"``, ``"512M"``, ``2**30`` -> bytes (int)."""
+    if isinstance(value, bool):
+        raise InputError(f"memory size {value!r} is a bool; expected bytes (int) or a string like '1.5GiB' or '800MB'")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise InputError(
+                f"memory size {value!r} is not understood; expected a number with an optional unit "
+                "(B, KiB, MiB, GiB, kB, MB, GB; K/M/G mean KiB/MiB/GiB), e.g. '1.5GiB' or '800MB'"
+            )
+        number, unit = float(match.group(1)), match.group(2).lower()
+    else:
+        raise InputError(f"memory size has type {type(value).__name__}; expected int bytes or a string like '1.5GiB'")
+    if not math.isfinite(number) or number <= 0:
+        raise InputError(f"memory size {value!r} must be a positive, finite amount, e.g. '1.5GiB'")
+    return int(number * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Bytes as a short human string in binary units ("1.42 GiB")."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What export measured: process peak = ``fixed_bytes + per_tile_bytes x batch``."""
+
+    fixed_bytes: int
+    per_tile_bytes: int
+    measured_on: dict[str, Any] = field(default_factory=dict)
+    stage: str = ""  # the stage whose batch the slope belongs to (tiles or windows)
+
+    @classmethod
+    def from_manifest(cls, data: Mapping[str, Any] | None) -> MemoryProfile | None:
+        if not data:
+            return None
+        try:
+            fixed, slope = int(data["fixed_bytes"]), int(data["per_tile_bytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(
+                f"manifest 'memory' section {dict(data)!r} lacks integer fixed_bytes/per_tile_bytes ({exc}); "
+                "re-export the bundle (edgederm export) to measure it again"
+            ) from exc
+        if fixed <= 0 or slope <= 0:
+            raise BundleError(f"manifest 'memory' section has fixed_bytes={fixed}, per_tile_bytes={slope}; "
+                              "both must be positive. Re-export the bundle")
+        return cls(fixed, slope, dict(data.get("measured_on") or {}), str(data.get("stage", "")))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The batch chosen for one image size, and the parts of the predicted peak."""
+
+    batch_size: int
+    budget_bytes: int | None
+    fixed_bytes: int
+    per_tile_bytes: int
+    image_bytes: int
+    accumulator_bytes: int
+    margin_bytes: int
+
+    @property
+    def predicted_peak_bytes(self) -> int:
+        return self.fixed_bytes + self.per_tile_bytes * self.batch_size + self.image_bytes + self.accumulator_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size, "budget_bytes": self.budget_bytes,
+            "predicted_peak_bytes": self.predicted_peak_bytes, "fixed_bytes": self.fixed_bytes,
+            "per_tile_bytes": self.per_tile_bytes, "image_bytes": self.image_bytes,
+            "accumulator_bytes": self.accumulator_bytes, "margin_bytes": self.margin_bytes,
+        }
+
+
+def segment_buffers(height: int, width: int, tile: int, stride: int, channels: int) -> tuple[int, int]:
+    """(image buffers, accumulators) in bytes for tiled segmentation of ``height x width``.
+
+    Image buffers: the caller's uint8 RGB image, the uint8 mask and the float32
+    heatmap. Accumulators: the tiler's band (K sums + 1 weight, ``tile`` rows of
+    the padded width), its ``K x tile x tile`` scratch, and per finalised block of
+    ``stride`` rows the K-channel float32 block, the argmax (int64) and a float32
+    temporary of the reduction.
+    """
+    padded_w, band_rows = max(width, tile), min(tile, max(height, tile))
+    image = height * width * 3 + height * width + height * width * 4
+    block_rows = min(stride, height)
+    accumulators = ((channels + 1) * band_rows * padded_w * 4 + channels * tile * tile * 4
+                    + channels * block_rows * width * 4 + block_rows * width * (8 + 4))
+    return image, accumulators
+
+
+def window_buffers(height: int, width: int, window: int, rows: int, cols: int, embedding_dim: int) -> tuple[int, int]:
+    """(image buffers, accumulators) for a windowed classifier: the caller's image, the
+    image resized to the window grid, and the ``G x D`` embedding matrix."""
+    image = height * width * 3 + rows * window * cols * window * 3
+    return image, rows * cols * max(embedding_dim, 1) * 4
+
+
+def plan_batch(
+    profile: MemoryProfile | None,
+    budget: int | None,
+    image_bytes: int,
+    accumulator_bytes: int,
+    *,
+    default_batch: int = 4,
+    max_batch: int = MAX_TILE_BATCH,
+    tiles: int | None = None,
+    what: str = "this image",
+) -> MemoryPlan:
+    """The largest tile batch whose predicted peak (plus margin) fits ``budget``.
+
+    Without a budget, ``default_batch`` (the bundle's tiling.batch_size). Without a
+    profile, a budget cannot be planned: the caller decides (the runtime warns).
+    """
+    cap = max(1, min(max_batch, tiles if tiles else max_batch))
+    if budget is None or profile is None:
+        fixed = profile.fixed_bytes if profile else 0
+        slope = profile.per_tile_bytes if profile else 0
+        return MemoryPlan(max(1, min(default_batch, cap)), budget, fixed, slope, image_bytes, accumulator_bytes, 0)
+    margin = int(budget * MARGIN_FRACTION)
+    room = budget - margin - profile.fixed_bytes - image_bytes - accumulator_bytes
+    batch = room // profile.per_tile_bytes if room > 0 else 0
+    if batch < 1:
+        need = profile.fixed_bytes + profile.per_tile_bytes + image_bytes + accumulator_bytes
+        minimum = int(math.ceil(need / (1.0 - MARGIN_FRACTION)))
+        raise MemoryBudgetError(
+            f"memory budget {format_size(budget)} ({budget} bytes) cannot be met for {what}: one tile needs "
+            f"{format_size(minimum)} ({minimum} bytes) = fixed {format_size(profile.fixed_bytes)} "
+            f"+ per tile {format_size(profile.per_tile_bytes)} + image buffers {format_size(image_bytes)} "
+            f"+ accumulators {format_size(accumulator_bytes)} + {MARGIN_FRACTION:.0%} margin. "
+            f"Fix: give memory_budget of at least {format_size(minimum)}, or a smaller image"
+        )
+    return MemoryPlan(int(min(batch, cap)), budget, profile.fixed_bytes, profile.per_tile_bytes,
+                      image_bytes, accumulator_bytes, margin)

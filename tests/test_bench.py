@@ -1,0 +1,80 @@
+"""``edgederm bench``: real measurements on a tiny segmenter, peers with the same weights.
+
+Numbers are not asserted against targets (speed targets belong to the command, not
+to timed tests); the test checks that what is reported is measured and consistent:
+FLOPs against a hand count, tile counts against the grid, masks of the peers
+against the runtime's (same weights, same tiles), and a PNG plot.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from edgederm.bench import BenchConfig, count_graph_flops, format_report, plot_report, run_bench  # noqa: E402
+from edgederm.runtime.bundle import read_manifest  # noqa: E402
+from edgederm.runtime.tiling import make_grid  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def segmenter_bundle(tmp_path_factory):
+    from edgederm.export import export_bundle
+    from tests.test_tiled_runtime import ConvSegmenter
+
+    return export_bundle(ConvSegmenter(kernel=3).eval(), tmp_path_factory.mktemp("bench") / "conv3",
+                         progress=lambda m: None)
+
+
+def test_flops_are_counted_from_the_graph(segmenter_bundle):
+    manifest = read_manifest(segmenter_bundle)
+    flops = count_graph_flops(manifest.graph_path(manifest.stages[0], "fp32"))
+    # conv 3->8 and 8->2, 3x3, on 64x64: 2 FLOPs per multiply-add.
+    assert flops == 2 * 64 * 64 * (8 * 3 * 9 + 2 * 8 * 9)
+
+
+def test_bench_against_torch_and_monai_on_the_same_weights(segmenter_bundle, tmp_path, record_property):
+    pytest.importorskip("monai")
+    config = BenchConfig(bundle=segmenter_bundle, sizes=[200], torch_model="tests.test_tiled_runtime:ConvSegmenter",
+                         precision="fp32")
+    report = run_bench(config, say=lambda m: None)
+    rows = {r["engine"]: r for r in report["results"]}
+    assert set(rows) == {"edgederm", "torch", "monai"}, [r.get("error") for r in report["results"]]
+    grid = make_grid(200, 200, 64, 0.25)
+    assert rows["edgederm"]["count"] == rows["torch"]["count"] == len(grid)
+    assert report["machine_peak"]["peak_gflops"] > 0
+    for peer in ("torch", "monai"):
+        row = rows[peer]
+        assert row["same_weights"] and row["weights_max_abs_diff"] < 1e-4
+        assert row["dice_vs_edgederm"] > 0.99
+        assert row["latency_s"] > 0 and row["peak_rss_bytes"] > 0 and row["speedup_of_edgederm"] > 0
+        record_property(f"figure:bench_200px_{peer}_speedup_memratio_dice",
+                        f"{row['speedup_of_edgederm']:.2f}x {row['memory_ratio_edgederm_over_peer']:.2f} "
+                        f"{row['dice_vs_edgederm']:.4f}")
+    ours = rows["edgederm"]
+    assert 0 < ours["inference_fraction_of_peak"] < 1.5
+    text = format_report(report)
+    assert "monai" in text and "x faster" in text
+    png = plot_report(report, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_without_peers_says_why_and_prints_json(segmenter_bundle, capsys):
+    from edgederm.cli import main
+
+    assert main(["bench", str(segmenter_bundle), "--sizes", "96,160", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["size"] for r in report["results"]] == [96, 160]
+    assert "--checkpoint" in report["skipped"]["torch"] and "--checkpoint" in report["skipped"]["monai"]
+    tiles = [r["count"] for r in report["results"]]
+    assert tiles == [len(make_grid(s, s, 64, 0.25)) for s in (96, 160)]
+    assert all(np.isfinite(r["latency_s"]) for r in report["results"])
+
+
+def test_cli_bench_refuses_bad_sizes(segmenter_bundle, capsys):
+    from edgederm.cli import main
+
+    assert main(["bench", str(segmenter_bundle), "--sizes", "1024,big"]) == 2
+    assert "--sizes '1024,big'" in capsys.readouterr().err
