@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from edgederm.metrics import hd95  # one HD95 definition for training and fidelity
+
 
 def classification_fidelity(fp32_probs: np.ndarray, quant_probs: np.ndarray, labels: np.ndarray | None,
                             class_names: Sequence[str]) -> dict[str, Any]:
@@ -63,30 +65,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
-
-
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1, constant_values=False)
-    inner = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
-
-
-def _distance_to(boundary: np.ndarray) -> np.ndarray:
-    # distanceTransform measures the distance to the nearest ZERO pixel.
-    return cv2.distanceTransform(np.where(boundary, 0, 1).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-
-
-def hd95(a: np.ndarray, b: np.ndarray) -> float | None:
-    """95th-percentile symmetric Hausdorff distance between mask boundaries, in pixels."""
-    a, b = a.astype(bool), b.astype(bool)
-    if not a.any() and not b.any():
-        return 0.0
-    if not a.any() or not b.any():
-        return None
-    ba, bb = _boundary(a), _boundary(b)
-    d_ab = _distance_to(bb)[ba]
-    d_ba = _distance_to(ba)[bb]
-    return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from edgederm.runtime.backends.tensorrt import cuda_check, import_cudart, import_tensorrt, trt, version_tuple
+from edgederm.runtime.bundle import write_bytes_atomic
 from edgederm.runtime.errors import InputError
 
 ALGORITHM = "EntropyCalibration2"
@@ -125,18 +126,7 @@ def write_calibration_cache(path: str | os.PathLike[str], scales: Mapping[str, f
     """Write the cache atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     text = format_cache(scales, tensorrt_version, algorithm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_calibration_cache(path: str | os.PathLike[str]) -> tuple[str, dict[str, float]]:

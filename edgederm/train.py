@@ -66,6 +66,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgederm.runtime import preprocess as pp
+from edgederm.data.csvvalues import parse_csv_value
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
 
@@ -152,17 +153,8 @@ def read_image_folder(root: str | Path, config: pp.PreprocessConfig, progress: C
         if progress:
             progress(i + 1, len(rows))
     y = np.array([int(r["label"]) for r in rows], np.int64)
-    records = [{k: _parse(v) for k, v in r.items() if k not in _NOT_METADATA} for r in rows]
+    records = [{k: parse_csv_value(v) for k, v in r.items() if k not in _NOT_METADATA} for r in rows]
     return LabelledImages(x, y, [r["id"] for r in rows], class_names, records, mask_array, stats)
-
-
-def _parse(value: str) -> Any:
-    if value == "":
-        return None
-    try:
-        return float(value) if any(c in value for c in ".eE") else int(value)
-    except ValueError:
-        return value
 
 
 @dataclass

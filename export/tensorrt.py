@@ -56,7 +56,7 @@ from edgederm.runtime.backends.tensorrt import (
     trt,
     version_tuple,
 )
-from edgederm.runtime.bundle import MANIFEST, read_manifest, resolve_inside, sha256_file, write_json_atomic
+from edgederm.runtime.bundle import MANIFEST, read_manifest, resolve_inside, sha256_file, write_bytes_atomic, write_json_atomic
 from edgederm.runtime.errors import BundleError, EdgeDermError, InputError, MissingDependencyError
 from edgederm.runtime.optional import INSTALL_HINTS
 
@@ -261,9 +261,9 @@ def build_engine_file(job: Mapping[str, Any], say: Callable[[str], None] = print
             f"TensorRT could not build the {precision} engine for {job['onnx_path']} (see the log above); "
             "on a 4 GB device try a smaller --workspace or --memory-budget, or build with fewer apps running"
         )
-    _write_atomic(Path(job["engine_path"]), memoryview(plan))
+    write_bytes_atomic(Path(job["engine_path"]), memoryview(plan))
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+    write_bytes_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
 
     # Activation memory at the largest profile, for the runtime's memory planner.
     engine = trt.Runtime(logger).deserialize_cuda_engine(memoryview(plan))
@@ -280,20 +280,6 @@ def build_engine_file(job: Mapping[str, Any], say: Callable[[str], None] = print
         "timing_cache": str(cache_path),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def _write_atomic(path: Path, data: memoryview | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- the parent: plan, spawn, record ---------------------------------------------------------------

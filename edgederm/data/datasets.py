@@ -81,6 +81,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Un
 
 import numpy as np
 
+from edgederm.data.csvvalues import parse_csv_value
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.metadata import MetadataSchema, load_schema
 
@@ -768,21 +769,12 @@ def _read_edgederm(root: Path, schema: SchemaLike) -> Dataset:
             continue
         mask = root / "masks" / f"{row['id']}.png"
         # Without a schema, the same number parsing as edgederm.train.read_image_folder.
-        metadata = pick(row, f"line {line}") if pick else {k: _parse_number(row[k]) for k in extra}
+        metadata = pick(row, f"line {line}") if pick else {k: parse_csv_value(row[k]) for k in extra}
         records.append(Record(row["id"], image, label, class_names, metadata, mask if mask.is_file() else None))
     if missing:
         raise InputError(f"{table} lists {len(missing)} id(s) with no image in {root / 'images'} (e.g. {missing[:3]}); "
                          "expected images/<id>.jpg (or .png)")
     return Dataset("edgederm", root, records, class_names, chosen)
-
-
-def _parse_number(value: str) -> Any:
-    if value == "":
-        return None
-    try:
-        return float(value) if any(c in value for c in ".eE") else int(value)
-    except ValueError:
-        return value
 
 
 def _read_isic(root: Path, schema: SchemaLike) -> Dataset:

@@ -21,15 +21,19 @@ class TensorInfo:
 
 
 class Backend(ABC):
+    """Subclasses fill ``_inputs`` and ``_outputs`` when they open their graph."""
+
     name: str = "base"
+    _inputs: list[TensorInfo]
+    _outputs: list[TensorInfo]
 
     @property
-    @abstractmethod
-    def inputs(self) -> list[TensorInfo]: ...
+    def inputs(self) -> list[TensorInfo]:
+        return self._inputs
 
     @property
-    @abstractmethod
-    def outputs(self) -> list[TensorInfo]: ...
+    def outputs(self) -> list[TensorInfo]:
+        return self._outputs
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         expected = {i.name: i for i in self.inputs}

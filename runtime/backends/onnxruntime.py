@@ -82,14 +82,6 @@ class OnnxRuntimeBackend(Backend):
         self._outputs = [TensorInfo(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]
 
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return self._outputs
-
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self._output_names, feed)
         return dict(zip(self._output_names, results))

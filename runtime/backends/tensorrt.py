@@ -416,14 +416,6 @@ class TensorRTBackend(Backend):
             raise TensorRTError("TensorRT could not create an execution context (out of device memory?)")
         return context
 
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return self._outputs
-
     def memory_bytes(self) -> int | None:
         return self._activation_bytes + sum(b.nbytes * (1 if b.mapped else 2) for b in self._buffers.values())
 
