@@ -73,4 +73,6 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[Any, dict[str, A
         raise CheckpointError(
             f"checkpoint {directory} does not fit {config['model_name']}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    if config.get("tiling"):
+        model.tiling = dict(config["tiling"])  # export_bundle writes it into the manifest
     return model.eval(), config

@@ -764,7 +764,8 @@ def train(data: LabelledImages, config: TrainConfig, out_dir: str | Path | None 
             if out is not None:
                 report = _report(config, data, train_idx, val_idx, history, calibration, clinical, ctx, segment)
                 save_checkpoint(model, out, preprocess=(preprocess.to_dict() if preprocess else None),
-                                clinical=clinical or None, metrics=report, train_config=config.to_dict())
+                                clinical=clinical or None, metrics=report, train_config=config.to_dict(),
+                                tiling=segmenter_tiling(segment, preprocess))
                 save_training_state(out, model, optimizer, rng, {
                     "epoch": epoch + 1, "step": step, "seconds": entry["seconds"], "history": history,
                     "config": config.to_dict(), "dataset": data.fingerprint(), "world_size": ctx.world,
@@ -783,6 +784,20 @@ def train(data: LabelledImages, config: TrainConfig, out_dir: str | Path | None 
 
         dist.destroy_process_group()
     return model.eval(), report
+
+
+def segmenter_tiling(segment: bool, preprocess: pp.PreprocessConfig | None) -> dict[str, Any] | None:
+    """The pixel scale a segmenter learnt, for the runtime's tiler.
+
+    Images resized whole to the input size teach lesions at that scale, so the
+    runtime must tile a copy whose longer side is the input size (and scale the mask
+    back); tiles cut at native resolution would show the model a scale it never saw.
+    Training on native-resolution crops (``resize="none"``) leaves the runtime at
+    native resolution.
+    """
+    if not segment or preprocess is None or preprocess.resize == "none":
+        return None
+    return {"working_max_side": int(max(preprocess.input_size))}
 
 
 def _global_mean_loss(weighted_sum: Any, global_n: int, ctx: DistContext) -> float:

@@ -628,10 +628,35 @@ class DeployedModel:
         return {out_name: embeddings}
 
     # -- segmentation path -------------------------------------------------------------
+    def _predict_segment_at_working_scale(self, image: np.ndarray, timings: dict[str, float],
+                                          progress: Callable[[int, int], None] | None) -> Result:
+        full_height, full_width = image.shape[:2]
+        working = self.tiling.get("working_max_side")
+        if not working or max(full_height, full_width) <= int(working):
+            return self._predict_segment(image, timings, progress, native=True)
+        # The model learnt lesions at this pixel scale (e.g. whole images resized to
+        # its input size): tile a copy at that scale, then bring the mask and the
+        # heatmap back to the input resolution.
+        scale = int(working) / max(full_height, full_width)
+        size = (max(1, round(full_width * scale)), max(1, round(full_height * scale)))
+        result = self._predict_segment(cv2.resize(image, size, interpolation=cv2.INTER_AREA), timings, progress,
+                                       native=True)
+        assert result.mask is not None and result.heatmap is not None
+        result.mask = cv2.resize(result.mask, (full_width, full_height), interpolation=cv2.INTER_NEAREST)
+        result.heatmap = cv2.resize(result.heatmap, (full_width, full_height), interpolation=cv2.INTER_LINEAR)
+        result.probabilities = {"lesion_fraction": cv2.countNonZero(result.mask) / float(result.mask.size)}
+        return result
+
     def _predict_segment(self, image: np.ndarray, timings: dict[str, float],
-                         progress: Callable[[int, int], None] | None) -> Result:
+                         progress: Callable[[int, int], None] | None, native: bool = False) -> Result:
+        """Tiled segmentation; ``tiling.working_max_side`` (when set) rescales first.
+
+        ``native=True``: the image is already at the working scale.
+        """
         from .tiling import TilingStats, sliding_window
 
+        if not native:
+            return self._predict_segment_at_working_scale(image, timings, progress)
         stage = self.manifest.stages[0]
         backend = self.stages[stage["name"]]
         config = self.preprocess_config

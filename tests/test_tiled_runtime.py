@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 
@@ -438,3 +439,34 @@ def test_overlay_outlines_the_mask_and_tints_the_heatmap(bundles, tmp_path):
     assert main(["predict", str(paths["dark"]), str(path), "--overlay", str(out), "--memory-budget", "1GiB"]) == 0
     written = cv2.cvtColor(cv2.imread(str(out)), cv2.COLOR_BGR2RGB)
     assert np.array_equal(written, picture)
+
+
+def test_working_scale_runs_the_model_at_the_scale_it_learnt(bundles, tmp_path):
+    """A segmenter trained on whole images resized to its input works at that scale."""
+    paths, _ = bundles
+    scaled = _with_tiling(paths["dark"], tmp_path / "scaled", working_max_side=TILE)
+    image = generate_case(seed=12, size=(300, 240)).image
+    result = load(scaled).predict(dermoscopy=image)
+    assert result.mask.shape == (300, 240) and result.heatmap.shape == (300, 240)
+    # reference: the downscaled image through the native-scale bundle, upscaled back
+    small = cv2.resize(image, (round(240 * TILE / 300), TILE), interpolation=cv2.INTER_AREA)
+    reference = load(paths["dark"]).predict(dermoscopy=small)
+    expected = cv2.resize(reference.mask, (240, 300), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(result.mask, expected)
+    assert result.probabilities["lesion_fraction"] == pytest.approx(expected.mean())
+
+
+def test_training_a_segmenter_on_whole_images_records_its_working_scale(tmp_path):
+    from edgederm.checkpoint import load_checkpoint
+    from edgederm.data.synthetic import generate_dataset
+    from edgederm.export.bundle import tiling_section
+    from edgederm.train import TrainConfig, read_image_folder, train
+
+    generate_dataset(tmp_path / "data", n_per_class=2, size=96, seed=3)
+    config = pp.PreprocessConfig(input_size=(64, 64))
+    data = read_image_folder(tmp_path / "data", config, masks=True)
+    train(data, TrainConfig(model="cfformer_tiny", epochs=1, batch_size=6), out_dir=tmp_path / "ck", preprocess=config,
+          say=lambda m: None)
+    model, saved = load_checkpoint(tmp_path / "ck")
+    assert saved["tiling"] == {"working_max_side": 64}
+    assert tiling_section(model)["working_max_side"] == 64
