@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import cv2
 import numpy as np
 
 from edgederm.metrics import hd95  # one HD95 definition for training and fidelity

@@ -103,7 +103,7 @@ def test_interrupted_quantize_keeps_previous_bundle(bundle_copy, synthetic_data,
 
 
 def test_export_refuses_existing_folder(tiny_bundle):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from edgederm.export import ExportError, export_bundle
     from edgederm.models import create_model
 

@@ -61,7 +61,7 @@ def test_doctor_json_runs_without_torch_claims():
 
 
 def test_models_table_counts_parameters(capsys):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from edgederm.models import create_model
 
     assert main(["models", "hifuse_tiny", "--json"]) == 0

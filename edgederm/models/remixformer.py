@@ -76,7 +76,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import EdgeDermModel, ExportStage
-from .layers.regularization import DropPath
 from .layers.vit import CrossAttention, TransformerBlock, VisionTransformer, init_linear, load_vit
 from .layers.window_attention import PatchEmbed, PatchMerging, SwinBlock, shifted_window_mask, window_partition, window_reverse
 from .registry import register_model

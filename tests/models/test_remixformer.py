@@ -2,7 +2,6 @@
 and ViT-S/16 / Swin-T checkpoint compatibility (timm used only as a reference)."""
 from __future__ import annotations
 
-import itertools
 
 import pytest
 
