@@ -89,6 +89,9 @@ class LabelledImages:
     masks: np.ndarray | None = None  # N x H x W int64 lesion masks (0/1) at the input size
     # edgederm.runtime.safety.image_statistics of each original image (the not-skin check's reference)
     image_stats: list[dict[str, float]] | None = None
+    # Lesion or patient id per image (edgederm.data.datasets Record.group): images of
+    # one group stay in one split, so validation never sees a lesion training saw.
+    groups: list[str | None] | None = None
 
     def metadata(self, schema: Any) -> np.ndarray:
         """Metadata encoded with ``schema`` (edgederm.runtime.metadata)."""
@@ -633,9 +636,7 @@ def train(data: LabelledImages, config: TrainConfig, out_dir: str | Path | None 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n = len(data.y)
-    order = rng.permutation(n)
-    n_val = max(1, int(round(n * config.val_fraction)))
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_idx, val_idx = split_indices(n, config.val_fraction, rng, data.groups)
     model, segment = _build_model(config, data, model_factory)
     expected = tuple(getattr(model, "input_size", data.x.shape[2:]))
     if tuple(data.x.shape[2:]) != expected:
@@ -784,6 +785,35 @@ def train(data: LabelledImages, config: TrainConfig, out_dir: str | Path | None 
 
         dist.destroy_process_group()
     return model.eval(), report
+
+
+def split_indices(n: int, val_fraction: float, rng: np.random.Generator,
+                  groups: Sequence[str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices; seeded. With ``groups``, whole groups go to one side.
+
+    Groups are shuffled and moved to validation until it holds at least
+    ``val_fraction`` of the images; an image without a group is a group of its own.
+    """
+    n_val = max(1, int(round(n * val_fraction)))
+    if not groups or all(g is None for g in groups):
+        order = rng.permutation(n)
+        return order[n_val:], order[:n_val]
+    keys = [g if g is not None else f"\0image-{i}" for i, g in enumerate(groups)]
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    names = list(members)
+    val: list[int] = []
+    for j in rng.permutation(len(names)):
+        if len(val) >= n_val:
+            break
+        val.extend(members[names[j]])
+    chosen = np.zeros(n, bool)
+    chosen[val] = True
+    if chosen.all():
+        raise InputError(f"all {n} images fell into {len(names)} group(s) too large to leave any for training; "
+                         "lower val_fraction or check the lesion/patient ids")
+    return rng.permutation(np.flatnonzero(~chosen)), np.flatnonzero(chosen)
 
 
 def segmenter_tiling(segment: bool, preprocess: pp.PreprocessConfig | None) -> dict[str, Any] | None:

@@ -291,6 +291,8 @@ def test_ham10000_labels_groups_and_metadata(tmp_path):
     schema = load_schema("ham10000")
     sex = schema.fields[1]["categories"]
     assert matrix[3, 2 + sex.index("unknown")] == 1.0 and matrix[3, 2 + len(sex)] == 0.0
+    # the lesion ids reach training, which keeps each lesion on one side of the split
+    assert load_labelled_images(ds, CONFIG).groups == [r.group for r in ds]
 
 
 def test_ham10000_unknown_category_names_field_and_allowed_values(tmp_path):

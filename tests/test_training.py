@@ -285,3 +285,19 @@ def test_segmentation_training_logs_dice_iou_hd95(tmp_path):
     assert "temperature" not in report  # segmenters are not temperature-scaled
     header = (tmp_path / "ckpt" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val_dice", "val_iou", "val_hd95"} <= set(header)
+
+
+def test_validation_split_keeps_each_lesion_on_one_side():
+    from edgederm.train import split_indices
+
+    groups = [f"lesion{i // 3}" for i in range(60)] + [None] * 10  # 20 lesions x 3 images, 10 singletons
+    train_idx, val_idx = split_indices(70, 0.2, np.random.default_rng(0), groups)
+    assert sorted(np.r_[train_idx, val_idx].tolist()) == list(range(70))
+    train_groups = {groups[i] for i in train_idx if groups[i] is not None}
+    val_groups = {groups[i] for i in val_idx if groups[i] is not None}
+    assert not train_groups & val_groups
+    assert 14 <= len(val_idx) <= 16  # at least 20% of 70, overshooting by less than one group
+    # without groups the split is the seeded permutation it always was
+    plain_train, plain_val = split_indices(70, 0.2, np.random.default_rng(0))
+    order = np.random.default_rng(0).permutation(70)
+    assert np.array_equal(plain_val, order[:14]) and np.array_equal(plain_train, order[14:])

@@ -353,7 +353,8 @@ def load_labelled_images(records: Dataset | Sequence[Record], config: Preprocess
         if report:
             report(i + 1, len(items))
     y = np.array([-1 if r.label is None else r.label for r in items], np.int64)
-    return LabelledImages(x, y, [r.id for r in items], class_names, [dict(r.metadata) for r in items], mask_array)
+    return LabelledImages(x, y, [r.id for r in items], class_names, [dict(r.metadata) for r in items], mask_array,
+                          groups=[r.group for r in items])
 
 
 def _read_mask(cv2: Any, record: Record, image_hw: tuple[int, int], config: Any, pp: Any) -> np.ndarray:
