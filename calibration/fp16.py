@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from .graphs import save_model
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +172,7 @@ def convert_to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str],
     del graph.value_info[:]  # stale dtypes; ORT and the checker re-infer
     model = shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_model(model, dst)
     return counts
 
 

@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from edgederm.runtime.bundle import write_bytes_atomic
 from edgederm.runtime.errors import EdgeDermError, InputError
 from edgederm.runtime.optional import optional_import
 
@@ -110,15 +111,12 @@ def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
 
 def atomic_copy(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` through a temporary file next to ``dst`` and one rename."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(dst, Path(src).read_bytes())
+
+
+def save_model(model: Any, path: str | Path) -> None:
+    """Save an ONNX ModelProto (under 2 GB, no external data) atomically."""
+    write_bytes_atomic(path, model.SerializeToString())
 
 
 def prepare_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:

@@ -45,9 +45,9 @@ from edgederm.runtime.imageio import read_image
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
 from .fidelity import classification_fidelity, segmentation_fidelity
 from .graphs import (BACKENDS, FORMATS, INT8_TYPES, METHODS, QUANTIZED_OPS, QuantizeError, QuantSettings, prepare_graph,
-                     quantize_dynamic_graph, quantize_graph)
+                     quantize_dynamic_graph, quantize_graph, save_model)
 from .sensitivity import fallback as run_fallback
-from .sensitivity import node_sensitivity, rank, return_to_float, save_model
+from .sensitivity import node_sensitivity, rank, return_to_float
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -194,17 +193,3 @@ def fallback(count: int, evaluate: Callable[[int], float], target: float,
     best = max(cache, key=lambda kk: (cache[kk], -kk))
     say(f"  fallback: target agreement {target:.4f} NOT reached; best {cache[best]:.4f} with {best} node(s) in float")
     return result(best, False)
-
-
-def save_model(model: Any, path: str | Path) -> None:
-    import os
-
-    import onnx
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

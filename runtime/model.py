@@ -93,27 +93,29 @@ def peak_rss_bytes() -> int:
     over ``fork`` + ``exec``: a runtime started by a large parent (a Python that had
     torch loaded) would report the parent's peak.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak_kib = _proc_status_kib("VmHWM")
+    if peak_kib is not None:
+        return peak_kib * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def current_rss_bytes() -> int:
     """Resident set size now (Linux ``VmRSS``; elsewhere the peak, the best available)."""
+    rss_kib = _proc_status_kib("VmRSS")
+    return rss_kib * 1024 if rss_kib is not None else peak_rss_bytes()
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``kB`` field of Linux's /proc/self/status, or None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
     except OSError:
         pass
-    return peak_rss_bytes()
+    return None
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarray:
