@@ -19,12 +19,12 @@ Decisions:
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .bundle import write_bytes_atomic
 from .errors import InputError
 from .imageio import as_rgb_uint8
 
@@ -79,13 +79,4 @@ def write_overlay(path: str | os.PathLike[str], image: np.ndarray, mask: np.ndar
     ok, data = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:
         raise InputError(f"OpenCV could not encode a {picture.shape} overlay as PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, data.tobytes())
