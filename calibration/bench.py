@@ -24,6 +24,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import statistics
@@ -94,7 +95,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     from edgederm.models.base import ExportStage
     from edgederm.models.remixformer import WindowEncoder
 
-    from .graphs import QuantSettings, quantize_dynamic_graph, quantize_graph
+    from .graphs import QuantSettings, quantize_dynamic_graph, quantize_graph, save_model
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -122,11 +123,22 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
             return out
         return build
 
-    def dynamic(per_channel: bool, weights_only: bool = True) -> Callable[[Path], Path]:
+    def dynamic(per_channel: bool, weights_only: bool = True, fuse_gelu: bool = False) -> Callable[[Path], Path]:
         def build(out: Path) -> Path:
-            quantize_dynamic_graph(fp32_path, out, per_channel=per_channel, weights_only_matmul=weights_only)
+            quantize_dynamic_graph(fp32_path, out, per_channel=per_channel, weights_only_matmul=weights_only,
+                                   fuse_gelu=fuse_gelu)
             return out
         return build
+
+    def fp32_gelu(out: Path) -> Path:
+        import onnx
+
+        from .fusions import fuse_erf_gelu
+
+        model = onnx.load(str(fp32_path))
+        fuse_erf_gelu(model)
+        save_model(model, out)
+        return out
 
     def fp16(out: Path) -> Path:
         from .fp16 import convert_to_fp16
@@ -163,7 +175,8 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         return out
 
     catalogue = [
-        Variant("ort_fp32", "ort", lambda out: fp32_path),
+        Variant("ort_fp32", "ort", lambda out: fp32_path, "the exported graph, as the fp32 bundle runs it"),
+        Variant("ort_fp32_gelu_fused", "ort", fp32_gelu, "fp32 with the same GELU fusion (the stricter reference)"),
         Variant("ort_int8_static_qdq_u8s8", "ort", static("qdq", "uint8")),
         Variant("ort_int8_static_qdq_u8s8_per_tensor", "ort", static("qdq", "uint8", per_channel=False)),
         Variant("ort_int8_static_qoperator_u8s8", "ort", static("qoperator", "uint8")),
@@ -172,11 +185,14 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         Variant("ort_int8_dynamic_matmul", "ort", dynamic(True), "weights per channel, MatMul with constant B only"),
         Variant("ort_int8_dynamic_matmul_per_tensor", "ort", dynamic(False)),
         Variant("ort_int8_dynamic_all_matmul", "ort", dynamic(True, weights_only=False), "attention MatMuls too"),
+        Variant("ort_int8_dynamic_sdk", "ort", dynamic(True, weights_only=False, fuse_gelu=True),
+                "all MatMuls + fused GELU: what `quantize --precision int8_dynamic` writes"),
         Variant("ort_fused_int8_dynamic", "ort", fused_dynamic, "ORT transformer fusions, then dynamic MatMul"),
         Variant("ort_int8_matmulnbits_acc4", "ort", nbits8, "MatMulNBits 8-bit weights, block 32, int8 compute"),
         Variant("ort_fp16", "ort", fp16, "ORT CPU has no fast fp16 GEMM on this CPU (casts inserted)"),
         Variant("torch_fp32", "torch"),
         Variant("torch_bf16_autocast", "torch"),
+        Variant("torch_int8_dynamic", "torch", note="torch.ao quantize_dynamic of nn.Linear (fbgemm)"),
     ]
     if variants:
         unknown = set(variants) - {v.name for v in catalogue}
@@ -211,10 +227,19 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         else:
             build_s = 0.0
             autocast = variant.name.endswith("bf16_autocast")
+            module = encoder
+            if variant.name == "torch_int8_dynamic":
+                import warnings
 
-            def infer_torch(x: np.ndarray, autocast: bool = autocast) -> np.ndarray:
+                from torch.ao.quantization import quantize_dynamic
+
+                with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+                    warnings.simplefilter("ignore")
+                    module = quantize_dynamic(copy.deepcopy(encoder), {torch.nn.Linear}, dtype=torch.qint8)
+
+            def infer_torch(x: np.ndarray, autocast: bool = autocast, module: Any = module) -> np.ndarray:
                 with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    return encoder(torch.from_numpy(x)).float().numpy()
+                    return module(torch.from_numpy(x)).float().numpy()
 
             infer = infer_torch
 
@@ -256,3 +281,29 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     for row in rows:
         row["speedup_vs_ort_fp32"] = round(row["windows_per_s"] / base, 2)
     return rows
+
+
+def summarize(rows: list[dict[str, Any]], target_speedup: float = 2.0, target_agreement: float = 0.99) -> list[str]:
+    """The verdict lines: the fastest INT8 form at >= target agreement against each fp32
+    reference that ran, and the SDK's fastest CPU path against PyTorch's fastest."""
+    by_name = {r["variant"]: r for r in rows}
+    ok = [r for r in rows if r["variant"].startswith("ort_int8") and r["agreement"] >= target_agreement]
+    lines: list[str] = []
+    if not ok:
+        return [f"no INT8 form reached decision agreement {target_agreement:.2f}"]
+    best = max(ok, key=lambda r: r["windows_per_s"])
+    for ref in ("ort_fp32", "ort_fp32_gelu_fused"):
+        if ref in by_name:
+            ratio = best["windows_per_s"] / by_name[ref]["windows_per_s"]
+            lines.append(f"fastest INT8 at agreement >= {target_agreement:.2f}: {best['variant']} "
+                         f"{best['windows_per_s']} windows/s = {ratio:.2f}x {ref} (target {target_speedup:.1f}x: "
+                         f"{'met' if ratio >= target_speedup else 'NOT met'})")
+    torch_rows = [r for r in rows if r["variant"].startswith("torch") and r["agreement"] >= target_agreement]
+    ort_rows = [r for r in rows if r["variant"].startswith("ort") and r["agreement"] >= target_agreement]
+    if torch_rows:
+        fastest_torch = max(torch_rows, key=lambda r: r["windows_per_s"])
+        fastest_ort = max(ort_rows, key=lambda r: r["windows_per_s"])
+        ratio = fastest_ort["windows_per_s"] / fastest_torch["windows_per_s"]
+        lines.append(f"SDK's fastest CPU path {fastest_ort['variant']} vs PyTorch's fastest {fastest_torch['variant']}: "
+                     f"{ratio:.2f}x ({'at least as fast' if ratio >= 1.0 else 'slower'})")
+    return lines

@@ -14,8 +14,10 @@ Decisions:
   slower there); ``activation_type="int8"`` gives symmetric int8 activations with
   zero-point 0, the only form TensorRT accepts (use it, or modelopt, for engines).
 - Dynamic INT8 (``quantize_dynamic_graph``): weights quantized offline, activations
-  per batch at run time; MatMul only by default (ConvInteger is slow on ORT CPU).
-  A CPU-only option: TensorRT needs static QDQ. Stored as precision "int8_dynamic".
+  per batch at run time; every MatMul by default, attention products included (Conv
+  stays float: ConvInteger is slow on ORT CPU), then the erf-GELU fused
+  (calibration/fusions.py). A CPU-only option: TensorRT needs static QDQ. Stored
+  as precision "int8_dynamic".
 - ORT's QDQ quantizer shares one Q/DQ pair between all consumers of a tensor, so a
   LayerNorm or Sigmoid that reads the output of a quantized MatMul would read the
   int8-rounded value. After quantization every consumer that is not one of
@@ -240,9 +242,19 @@ def _modelopt_child(source: str, staged: str, data_path: str, method: str, op_ty
 
 def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                            per_channel: bool = True, weight_type: str = "int8",
-                           op_types: Iterable[str] = ("MatMul",), weights_only_matmul: bool = True) -> dict[str, Any]:
-    """Dynamic INT8 (CPU only): int8 weights, activation ranges computed per batch at run time."""
+                           op_types: Iterable[str] = ("MatMul",), weights_only_matmul: bool = False,
+                           fuse_gelu: bool = True) -> dict[str, Any]:
+    """Dynamic INT8 (CPU only): int8 weights, activation ranges computed per batch at run time.
+
+    ``weights_only_matmul=False`` (default) also quantizes the attention products
+    (Q·Kᵀ, A·V), whose both inputs are activations: on the ViT-S window encoder that was
+    the fastest form at equal decisions (`edgederm bench-precision`). ``fuse_gelu``
+    rewrites the exporter's erf-GELU into one ORT Gelu node (calibration/fusions.py);
+    the graph is ORT-CPU-only either way.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .fusions import fuse_erf_gelu
 
     if weight_type not in INT8_TYPES:
         raise InputError(f"weight_type {weight_type!r} is not supported; choose one of {', '.join(INT8_TYPES)}")
@@ -262,10 +274,12 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
                          # ops) leave some tensors without an inferred type; they are float.
                          extra_options={"MatMulConstBOnly": weights_only_matmul,
                                         "DefaultTensorType": onnx.TensorProto.FLOAT})
-        atomic_copy(staged, out_path)
+        quantized = onnx.load(str(staged))
+        fused = fuse_erf_gelu(quantized) if fuse_gelu else 0
+        save_model(quantized, out_path)
     return {"backend": "onnxruntime", "mode": "dynamic", "per_channel": per_channel, "weight_type": weight_type,
             "activation_type": "uint8 (per batch, at run time)", "quantized_ops": list(op_types),
-            "matmul_weights_only": weights_only_matmul, "tensorrt_compatible": False}
+            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False}
 
 
 def float_only_violations(model: Any) -> list[str]:

@@ -15,8 +15,9 @@ Flow (decisions):
    segmenters. Below ``target_agreement`` the per-node sensitivity is measured
    (calibration/sensitivity.py) and the most damaging nodes, across all stages, go
    back to float until the target is reached, or the report says it was not and
-   what was reached. fp16 and int8_dynamic get the same end-to-end check (no
-   fallback: the report says whether the target was met).
+   what was reached. fp16 gets the same end-to-end check (no fallback: the report
+   says whether the target was met); int8_dynamic first quantizes every MatMul and,
+   below the target, keeps the attention products (two activations) in float.
 4. Fidelity against fp32 on the held-out cases (calibration/fidelity.py), printed and
    stored in the manifest under ``calibration[precision]``.
 5. Atomic update: candidate graphs live in a hidden staging folder inside the bundle;
@@ -263,14 +264,34 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             staged[name] = f"{rel}/{path.name}"
             say(f"  {name}: fp16 with fp32 inputs/outputs ({stage_info[name]['fp32_nodes']} nodes kept in fp32)")
     else:  # int8_dynamic
-        for stage in stages:
-            name = stage["name"]
-            path = staging / f"{name}.int8_dynamic.onnx"
-            stage_info[name] = quantize_dynamic_graph(fp32[name], path)
-            staged[name] = f"{rel}/{path.name}"
-            say(f"  {name}: dynamic INT8 (MatMul weights)")
+        # Fastest form first (attention products in INT8 too); if that misses the
+        # target, the attention products go back to float (only weight MatMuls INT8).
+        reference_decisions = evaluator.decisions(evaluator.predict(calib.cases, None)) if target is not None else None
+        tried: list[dict[str, Any]] = []
+        for weights_only in (False, True):
+            for stage in stages:
+                name = stage["name"]
+                path = staging / f"{name}.int8_dynamic{'.weights' if weights_only else ''}.onnx"
+                stage_info[name] = quantize_dynamic_graph(fp32[name], path, weights_only_matmul=weights_only)
+                staged[name] = f"{rel}/{path.name}"
+            form = "weight MatMuls" if weights_only else "every MatMul (attention products too)"
+            say(f"  dynamic INT8 of {form}; {sum(i['fused_gelu'] for i in stage_info.values())} GELU fused")
+            if reference_decisions is None:
+                break
+            reached = evaluator.agreement(reference_decisions,
+                                          evaluator.decisions(evaluator.predict(calib.cases, staged)))
+            tried.append({"matmul_weights_only": weights_only, "agreement": reached})
+            say(f"  end-to-end decision agreement with fp32 on the calibration images: {reached:.4f}")
+            if reached >= target:
+                break
+        if target is not None:
+            fallback_report = {"target_agreement": target, "reached": tried[-1]["agreement"] >= target,
+                               "agreement": tried[-1]["agreement"], "forms_tried": tried,
+                               "note": "fallback: attention products back to float, then stop"}
+            if not fallback_report["reached"]:
+                say(f"  WARNING: int8_dynamic agreement {tried[-1]['agreement']:.4f} is below the target {target:.4f}")
 
-    if precision != "int8" and target is not None:
+    if precision == "fp16" and target is not None:
         reference = evaluator.decisions(evaluator.predict(calib.cases, None))
         reached = evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, staged)))
         fallback_report = {"target_agreement": target, "reached": reached >= target, "agreement": reached,
@@ -291,6 +312,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         fid = classification_fidelity(p32, pq, np.array(labels) if all(x is not None for x in labels) else None,
                                       manifest.model["class_names"])
     fid["held_out"] = held_out
+    latency = _latency(fp32_results, quant_results, precision, threads)
 
     entry: dict[str, Any] = {"precision": precision}
     if settings is not None:
@@ -303,7 +325,8 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         entry.update({"method": "dynamic", **next(iter(stage_info.values()))})
     entry.update({
         "images": len(calib), "dataset_sha256": calib.sha256, "stages": stage_info,
-        "target": fallback_report, "fidelity": fid, "notes": list(inputs.notes), "_staged": staged,
+        "target": fallback_report, "fidelity": fid, "latency": latency, "notes": list(inputs.notes),
+        "_staged": staged,
     })
     return entry
 
@@ -374,6 +397,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _latency(fp32_results: list[Any], quant_results: list[Any], precision: str, threads: int) -> dict[str, Any]:
+    """Median per-image model time (the runtime's "inference" timing: graphs only, no decode
+    or preprocessing) of the fidelity pass, fp32 and ``precision`` on this machine's CPU.
+
+    ``precision="auto"`` on CPU uses the ratio (runtime/model.py): reduced precision is
+    not always faster on a CPU (small models: quantize/dequantize overhead dominates).
+    """
+    import platform
+
+    def median_ms(results: list[Any]) -> float:
+        return round(float(np.median([r.timings.get("inference", r.timings["total"]) for r in results])), 3)
+
+    fp32_ms, quant_ms = median_ms(fp32_results), median_ms(quant_results)
+    return {"backend": "onnxruntime-cpu", "threads": threads, "images": len(fp32_results),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "fp32_ms": fp32_ms, "ms": quant_ms, "speedup": round(fp32_ms / quant_ms, 3) if quant_ms > 0 else None}
+
+
 def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     fid = report["fidelity"]
     keys = [k for k in ("images", "held_out", "decision_agreement", "max_probability_diff", "mean_probability_diff",
@@ -384,6 +425,10 @@ def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
         say(f"  {key:<24} {_fmt(fid[key])}")
     for name, change in (fid.get("recall_change") or {}).items():
         say(f"  recall change {name:<10} {change:+.4f}")
+    latency = report.get("latency")
+    if latency:
+        say(f"  CPU inference per image    fp32 {latency['fp32_ms']:.1f} ms, {report['precision']} {latency['ms']:.1f} ms "
+            f"({latency['speedup']}x; ONNX Runtime, {latency['threads']} threads, median of {latency['images']})")
     target = report.get("target")
     if target:
         state = "reached" if target["reached"] else "NOT reached"

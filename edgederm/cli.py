@@ -79,7 +79,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_precision(args: argparse.Namespace) -> int:
-    from edgederm.calibration.bench import run_benchmark
+    from edgederm.calibration.bench import run_benchmark, summarize
 
     rows = run_benchmark(args.out, batch=args.batch, threads=args.threads, window=args.window, calib_images=args.calib_images,
                          eval_images=args.eval_images, seconds=args.seconds, variants=args.variant or None, small=args.small,
@@ -88,6 +88,8 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
         _print_json(rows)
     else:
         print(_table(rows, ["variant", "windows_per_s", "speedup_vs_ort_fp32", "agreement", "cosine_mean", "cosine_min", "size_mb", "note"]))
+        for line in summarize(rows):
+            print(line)
     return 0
 
 

@@ -144,11 +144,46 @@ def _choose_precision(manifest: Manifest, precision: str, device: str) -> str:
                 f"fix: `edgederm quantize {manifest.root} --precision {precision}` or use precision='auto'"
             )
         return precision
+    if device == "cpu":
+        measured = _fastest_measured_on_cpu(manifest, available)
+        if measured is not None:
+            return measured
     preferred = ("fp16", "int8", "fp32") if device != "cpu" else ("int8", "int8_dynamic", "fp32")
     for p in preferred:
         if p in available:
             return p
     return available[0]
+
+
+CPU_REDUCED = ("int8", "int8_dynamic")
+
+
+def _fastest_measured_on_cpu(manifest: Manifest, available: list[str]) -> str | None:
+    """``precision="auto"`` on CPU: the graph with the best speed-up over fp32 that
+    ``edgederm quantize`` measured (calibration[p]["latency"], fp32 and p timed in one
+    run), among those that met their agreement target; fp32 when none is faster.
+
+    Why: on a CPU, INT8 is not always faster (small models spend their time in
+    quantize/dequantize). None when a CPU graph of the bundle has no measurement
+    (bundles quantized before it was recorded): the fixed order applies.
+    """
+    calibration = manifest.data.get("calibration") or {}
+    speedups: dict[str, float] = {}
+    for p in CPU_REDUCED:
+        if p not in available:
+            continue
+        entry = calibration.get(p) or {}
+        speedup = (entry.get("latency") or {}).get("speedup")
+        if speedup is None:
+            return None
+        if (entry.get("target") or {}).get("reached") is not False:
+            speedups[p] = float(speedup)
+    if not any(p in available for p in CPU_REDUCED):
+        return None
+    best = max(speedups, key=lambda p: speedups[p], default=None)
+    choice = best if best is not None and speedups[best] > 1.0 else "fp32"
+    log.info("precision auto on CPU: %s (speed-up over fp32 measured at quantize time: %s)", choice, speedups)
+    return choice
 
 
 # --------------------------------------------------------------------------- optimised-graph cache

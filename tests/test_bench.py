@@ -78,3 +78,25 @@ def test_cli_bench_refuses_bad_sizes(segmenter_bundle, capsys):
 
     assert main(["bench", str(segmenter_bundle), "--sizes", "1024,big"]) == 2
     assert "--sizes '1024,big'" in capsys.readouterr().err
+
+
+def test_bench_precision_small_encoder(tmp_path, record_property):
+    """`edgederm bench-precision --small`: every row is measured against the fp32 graph
+    on the same windows; the GELU fusion and torch are exact, INT8 close."""
+    from edgederm.calibration.bench import run_benchmark, summarize
+
+    rows = run_benchmark(tmp_path, small=True, seconds=0.2, calib_images=2, eval_images=4,
+                         variants=["ort_fp32_gelu_fused", "ort_int8_dynamic_sdk", "torch_fp32"], say=lambda m: None)
+    by_name = {r["variant"]: r for r in rows}
+    assert list(by_name) == ["ort_fp32", "ort_fp32_gelu_fused", "ort_int8_dynamic_sdk", "torch_fp32"]
+    assert by_name["ort_fp32"]["speedup_vs_ort_fp32"] == 1.0 and by_name["ort_fp32"]["cosine_min"] == 1.0
+    assert by_name["ort_fp32_gelu_fused"]["cosine_min"] > 0.99999  # same function, one node
+    assert by_name["torch_fp32"]["cosine_min"] > 0.99999  # torch vs its ONNX export
+    int8 = by_name["ort_int8_dynamic_sdk"]
+    record_property("figure:bench_precision_small_int8_dynamic_cosine_min", f"{int8['cosine_min']:.5f}")
+    assert int8["cosine_min"] > 0.99 and int8["agreement"] >= 0.9
+    assert all(r["windows_per_s"] > 0 and r["rounds"] >= 3 for r in rows)
+    assert len((tmp_path / "window_encoder.ort_int8_dynamic_sdk.onnx").read_bytes()) > 0
+    lines = summarize(rows)
+    assert any(line.startswith("fastest INT8") and "ort_fp32_gelu_fused" in line for line in lines)
+    assert any("PyTorch's fastest torch_fp32" in line for line in lines)

@@ -232,8 +232,12 @@ def test_dynamic_int8_runs(block_graph, tmp_path):
     out = tmp_path / "dyn.onnx"
     info = quantize_dynamic_graph(path, out)
     assert info["tensorrt_compatible"] is False
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert info["fused_gelu"] == 1 and info["matmul_weights_only"] is False  # the MLP's nn.GELU
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert set(ops) & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    assert "Gelu" in ops and "Erf" not in ops
+    # qkv, proj, 2 MLP, head, and q @ k^T and attn @ v (both inputs activations): 7 in all
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") == 7
     worst = max(float(np.abs(run(path, f)["y"] - run(out, f)["y"]).max()) for f in feeds)
     assert worst < 0.05
 

@@ -1,6 +1,7 @@
 """The runtime contract: predict on arrays and files, no torch, clear errors."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def test_runtime_matches_torch_on_the_same_pixels(tiny_bundle):
 def test_result_fields_and_review(tiny_bundle):
     result = load(tiny_bundle).predict(dermoscopy=generate_case(seed=1, size=256).image, metadata={"age": 54})
     assert isinstance(result, Result)
-    assert result.precision == "int8"  # auto on CPU prefers the calibrated int8 graph
+    # auto on CPU: int8 only if quantize measured it faster than fp32 on this machine
+    latency = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]["int8"]["latency"]
+    assert result.precision == ("int8" if latency["speedup"] > 1.0 else "fp32"), latency
     assert result.needs_review == bool(result.review_reasons)
     assert "metadata ignored: this model does not use it" in result.notes
     assert result.memory_peak_bytes and result.memory_peak_bytes > 10 * 2**20
@@ -115,3 +118,31 @@ def test_gray_and_rgba_arrays_are_accepted(tiny_bundle):
     rgba = np.dstack([np.full((80, 90, 3), 150, np.uint8), np.zeros((80, 90), np.uint8)])
     a, b = model.predict(dermoscopy=gray), model.predict(dermoscopy=rgba)
     assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+
+
+def _with_calibration(tiny_bundle, sections):
+    from edgederm.runtime.bundle import Manifest, read_manifest
+
+    manifest = read_manifest(tiny_bundle)
+    data = copy.deepcopy(manifest.data)
+    data["calibration"] = sections
+    for stage in data["stages"]:
+        for p in sections:
+            stage["graphs"].setdefault(p, stage["graphs"]["int8"])
+    return Manifest(manifest.root, data)
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({"int8": {"latency": {"speedup": 1.4}}}, "int8"),
+    ({"int8": {"latency": {"speedup": 0.8}}}, "fp32"),  # slower than fp32 on this CPU
+    ({"int8": {"latency": {"speedup": 1.2}}, "int8_dynamic": {"latency": {"speedup": 1.9}}}, "int8_dynamic"),
+    ({"int8": {"latency": {"speedup": 1.2}}, "int8_dynamic": {"latency": {"speedup": 1.9}, "target": {"reached": False}}},
+     "int8"),  # a graph that missed its agreement target is never chosen by auto
+    ({"int8": {}}, "int8"),  # quantized before latency was recorded: the fixed order
+])
+def test_auto_precision_on_cpu_follows_measured_speed(tiny_bundle, sections, expected):
+    from edgederm.runtime.model import _choose_precision
+
+    manifest = _with_calibration(tiny_bundle, sections)
+    assert _choose_precision(manifest, "auto", "cpu") == expected
+    assert _choose_precision(manifest, "fp32", "cpu") == "fp32"  # an explicit choice is kept
