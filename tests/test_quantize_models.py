@@ -176,6 +176,10 @@ def test_metadata_bundle_every_precision(tmp_path, synthetic_data, record_proper
         assert fid["images"] == 30 and fid["held_out"] is True
         assert {"recall_change", "ece_change", "max_probability_diff"} <= set(fid)
         assert fid["decision_agreement"] >= 0.9, (precision, fid)
+        latency = report["latency"]  # measured in the fidelity pass; precision="auto" on CPU reads it
+        assert latency["fp32_ms"] > 0 and latency["ms"] > 0 and latency["images"] == 30
+        assert latency["speedup"] == pytest.approx(latency["fp32_ms"] / latency["ms"], rel=1e-2)
+        assert manifest["calibration"][precision]["latency"] == latency
     assert reports["fp16"]["fidelity"]["max_probability_diff"] < 1e-2
     case = {"age": 54, "sex": "female"}
     for precision in ("fp32", "int8", "fp16", "int8_dynamic"):
@@ -224,6 +228,10 @@ def test_unreachable_target_is_reported(tmp_path, synthetic_data):
                                  target_agreement=1.0, say=lambda m: None)
     assert report["fidelity"]["held_out"] is True  # the unused calibration images
     assert "reached" in report["target"] and report["target"]["target_agreement"] == 1.0
+    tried = report["target"]["forms_tried"]  # every MatMul first, then attention products in float
+    assert tried[0]["matmul_weights_only"] is False
+    assert [t["matmul_weights_only"] for t in tried] == ([False] if tried[0]["agreement"] >= 1.0 else [False, True])
+    assert report["target"]["agreement"] == tried[-1]["agreement"]
 
 
 @pytest.mark.slow
