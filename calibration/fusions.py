@@ -56,7 +56,7 @@ def fuse_erf_gelu(model: Any) -> int:
         got = _scalar(initializers, name)
         return got is not None and abs(got - value) <= 1e-4 * abs(value)
 
-    def only_consumer(name: str) -> Any | None:
+    def only_consumer(name: str) -> Any:  # the node, or None
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in graph_outputs else None
 

@@ -116,7 +116,7 @@ def atomic_copy(src: Path, dst: Path) -> None:
     write_bytes_atomic(dst, Path(src).read_bytes())
 
 
-def save_model(model: Any, path: str | Path) -> None:
+def save_model(model: Any, path: str | os.PathLike[str]) -> None:
     """Save an ONNX ModelProto (under 2 GB, no external data) atomically."""
     write_bytes_atomic(path, model.SerializeToString())
 

@@ -276,7 +276,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                 staged[name] = f"{rel}/{path.name}"
             form = "weight MatMuls" if weights_only else "every MatMul (attention products too)"
             say(f"  dynamic INT8 of {form}; {sum(i['fused_gelu'] for i in stage_info.values())} GELU fused")
-            if reference_decisions is None:
+            if reference_decisions is None or target is None:
                 break
             reached = evaluator.agreement(reference_decisions,
                                           evaluator.decisions(evaluator.predict(calib.cases, staged)))

@@ -128,7 +128,7 @@ def as_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
                 f"{name}: received {type(image).__name__}; expected a numpy array of shape "
                 "HxWx3, dtype uint8 (RGB)"
             )
-    array: np.ndarray = image  # type: ignore[assignment]
+    array: np.ndarray = image
     received = f"received shape {array.shape}, dtype {array.dtype}"
     expected = "expected HxWx3 uint8 RGB (HxW gray, HxWx4 RGBA and uint16 are converted)"
 

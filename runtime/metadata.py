@@ -78,7 +78,7 @@ class MetadataSchema:
                     slots[lowered.index(key)] = 1.0
                 out += slots
             else:
-                if missing:
+                if missing or value is None:
                     out += [0.0, 1.0]
                     continue
                 try:

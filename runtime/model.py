@@ -245,8 +245,9 @@ class DeployedModel:
         self._requested_precision = precision  # TensorRT engines are chosen per precision in _choose_backend
         self.backend_name, providers = self._choose_backend(backend)
         device = "cpu" if providers == ["CPUExecutionProvider"] else "gpu"
-        self.precision = (self._engine_precision if self.backend_name == "tensorrt"
-                          else _choose_precision(manifest, precision, device))
+        engine_precision: str | None = getattr(self, "_engine_precision", None)  # set with the engines
+        self.precision: str = (engine_precision if self.backend_name == "tensorrt" and engine_precision
+                               else _choose_precision(manifest, precision, device))
         self.cache_hits: dict[str, bool] = {}
         start = time.perf_counter()
         self.stages: dict[str, Backend] = {}

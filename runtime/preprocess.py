@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, cast
 
 import cv2
 import numpy as np
@@ -506,7 +506,7 @@ def preprocess_batch(
         if images.ndim != 4:
             raise InputError(f"images: received an array of shape {images.shape}; expected NxHxWx3 "
                              "(or a list of HxWx3 images); for one image use preprocess()")
-        items: Sequence[np.ndarray] = images
+        items: Sequence[np.ndarray] = cast(Sequence[np.ndarray], images)  # N images along axis 0
     elif isinstance(images, (list, tuple)):
         items = images
     else:
