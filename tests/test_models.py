@@ -61,6 +61,7 @@ def test_forward_backward_finite(model):
 
 
 def test_export_parity_and_int8(model, tmp_path, record_property):
+    from edgederm.calibration.graphs import quantize_dynamic_graph
     from edgederm.calibration.quantize import quantize_graph
     from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -93,3 +94,13 @@ def test_export_parity_and_int8(model, tmp_path, record_property):
             else:
                 corr = float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) if a.size > 1 else 1.0
                 record_property(f"figure:{stage.name}.{out_name}.int8_corr", f"{corr:.4f}")
+        # int8_dynamic (every MatMul + fused GELU, the CPU form) executes and stays close
+        dynamic_path = tmp_path / f"{stage.name}.int8_dynamic.onnx"
+        info = quantize_dynamic_graph(path, dynamic_path)
+        dynamic = OnnxRuntimeBackend(dynamic_path).run({k: v.numpy() for k, v in feed.items()})
+        for out_name in stage.outputs:
+            a, b = fp32[out_name], dynamic[out_name]
+            assert b.shape == a.shape and np.isfinite(b).all()
+            corr = float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) if a.size > 1 else 1.0
+            record_property(f"figure:{stage.name}.{out_name}.int8_dynamic_corr", f"{corr:.4f} ({info['fused_gelu']} GELU fused)")
+            assert corr > 0.95, f"{stage.name}.{out_name}: int8_dynamic correlation {corr:.4f}"
