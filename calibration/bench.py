@@ -7,8 +7,10 @@ PyTorch bf16 autocast on the same machine, same run.
 
 Decisions:
 - Model: RemixFormer++'s window encoder at paper size (edgederm.models.remixformer
-  WindowEncoder: ViT-S/16 384/12/6 + texture attention), seeded random weights; no
-  checkpoint can be downloaded here. Exported once with the SDK's exporter.
+  WindowEncoder: ViT-S/16 384/12/6 + texture attention), seeded random weights (no
+  checkpoint can be downloaded here), or a trained one from ``--checkpoint``.
+  Exported with the SDK's exporter on every run (a graph left in ``--out`` by an
+  earlier run may hold other weights).
 - Data: synthetic dermoscopy cases (edgederm.data.synthetic) cut into windows by the
   runtime's own window code (calibration/data.py ``image_windows``); calibration and
   evaluation images are disjoint.
@@ -84,11 +86,28 @@ def _probe(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np
     return mean, std, w
 
 
+def _trained_window_encoder(checkpoint: str | os.PathLike[str]) -> tuple[Any, int]:
+    from edgederm.checkpoint import load_checkpoint
+    from edgederm.runtime.errors import InputError
+
+    model, config = load_checkpoint(checkpoint)
+    encoder = getattr(model, "window_encoder", None)
+    if encoder is None:
+        raise InputError(f"checkpoint {checkpoint} holds {config.get('model_name')!r}, which has no window encoder; "
+                         "expected a RemixFormer++ checkpoint (remixformer_pp, remixformer_tiny), e.g. the output "
+                         "of `edgederm train --model remixformer_pp`")
+    return encoder.eval(), int(model.window_size)
+
+
 def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int = 8, threads: int = 2,
                   window: int = 256, calib_images: int = 8, eval_images: int = 32, seconds: float = 6.0,
                   variants: list[str] | None = None, say: Callable[[str], None] = print, seed: int = 0,
-                  small: bool = False) -> list[dict[str, Any]]:
-    """Measure every variant; returns one row per variant (name, windows/s, speed-up, agreement, cosine)."""
+                  small: bool = False, checkpoint: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Measure every variant; returns one row per variant (name, windows/s, speed-up, agreement, cosine).
+
+    ``checkpoint``: a RemixFormer++ checkpoint folder (``edgederm train`` output); its
+    trained window encoder and window size replace the seeded random one.
+    """
     import torch
 
     from edgederm.export.onnx import export_stage_onnx
@@ -99,8 +118,11 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    dims: dict[str, Any] = dict(dim=64, depth=2, heads=2, templates=8, scales=(1, 2)) if small else {}
-    encoder = WindowEncoder(window, 16, **dims).eval()
+    if checkpoint is not None:
+        encoder, window = _trained_window_encoder(checkpoint)
+    else:
+        dims: dict[str, Any] = dict(dim=64, depth=2, heads=2, templates=8, scales=(1, 2)) if small else {}
+        encoder = WindowEncoder(window, 16, **dims).eval()
     work = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="edgederm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     fp32_path = work / "window_encoder.fp32.onnx"
@@ -108,8 +130,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         f"{window}x{window} windows) to {fp32_path}")
     stage = ExportStage("window_encoder", encoder, {"windows": torch.randn(batch, 3, window, window)},
                         ["window_embeddings"], image_inputs=["windows"])
-    if not fp32_path.exists():
-        export_stage_onnx(stage, fp32_path)
+    export_stage_onnx(stage, fp32_path)
     size = 2 * window
     calib_x, calib_y = _windows(range(1000 + seed, 1000 + seed + calib_images), size, window)
     eval_x, _ = _windows(range(5000 + seed, 5000 + seed + eval_images), size, window)

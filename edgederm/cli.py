@@ -83,6 +83,7 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
 
     rows = run_benchmark(args.out, batch=args.batch, threads=args.threads, window=args.window, calib_images=args.calib_images,
                          eval_images=args.eval_images, seconds=args.seconds, variants=args.variant or None, small=args.small,
+                         checkpoint=args.checkpoint,
                          say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(rows)
@@ -262,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=6.0, help="timing per variant")
     p.add_argument("--variant", action="append", help="only this variant (repeatable); ort_fp32 always runs")
     p.add_argument("--small", action="store_true", help="a small encoder (smoke test), not ViT-S")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a trained RemixFormer++ checkpoint folder: benchmark its window encoder (default: seeded random ViT-S)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_precision)
 

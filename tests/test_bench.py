@@ -100,3 +100,28 @@ def test_bench_precision_small_encoder(tmp_path, record_property):
     lines = summarize(rows)
     assert any(line.startswith("fastest INT8") and "ort_fp32_gelu_fused" in line for line in lines)
     assert any("PyTorch's fastest torch_fp32" in line for line in lines)
+
+
+def test_bench_precision_takes_a_remixformer_checkpoint(tmp_path):
+    import torch
+
+    from edgederm.calibration.bench import run_benchmark
+    from edgederm.checkpoint import save_checkpoint
+    from edgederm.models import create_model
+    from edgederm.runtime.errors import InputError
+
+    torch.manual_seed(3)
+    model = create_model("remixformer_tiny").eval()
+    save_checkpoint(model, tmp_path / "remix")
+    messages: list[str] = []
+    rows = run_benchmark(tmp_path / "out", seconds=0.1, calib_images=2, eval_images=2, variants=["torch_fp32"],
+                         checkpoint=tmp_path / "remix", say=messages.append)
+    # the checkpoint's window size and weights, not the default 256 px random ViT-S
+    assert any(f"{model.window_size}x{model.window_size} windows" in m for m in messages)
+    params = sum(p.numel() for p in model.window_encoder.parameters()) / 1e6
+    assert any(f"({params:.1f} M parameters" in m for m in messages)
+    assert rows[1]["variant"] == "torch_fp32" and rows[1]["cosine_min"] > 0.99999  # torch vs its export
+
+    save_checkpoint(create_model("hifuse_tiny"), tmp_path / "hifuse")
+    with pytest.raises(InputError, match="'hifuse_tiny', which has no window encoder; expected a RemixFormer"):
+        run_benchmark(tmp_path / "out2", checkpoint=tmp_path / "hifuse", say=lambda m: None)
