@@ -92,6 +92,7 @@ def run_quickstart(out: str | Path, n_per_class: int = 200, epochs: int = 6, see
     int8 = load(bundle, precision="int8")
     result = int8.predict_file(image_path, metadata=case.metadata)
     latency = {"fp32_ms": _latency_ms(fp32, case.image), "int8_ms": _latency_ms(int8, case.image)}
+    auto_precision = load(bundle).precision  # what precision="auto" takes on this CPU, from quantize's timing
     steps["predict_s"] = time.time() - t
 
     fidelity = calibration["fidelity"]
@@ -109,6 +110,7 @@ def run_quickstart(out: str | Path, n_per_class: int = 200, epochs: int = 6, see
         "chance_accuracy": 1 / 3,
         "example_2048": {"true_class": case.class_name, **result.to_dict()},
         "latency_2048_image": {k: round(v, 1) for k, v in latency.items()},
+        "auto_precision_cpu": auto_precision,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _say("")
@@ -118,6 +120,8 @@ def run_quickstart(out: str | Path, n_per_class: int = 200, epochs: int = 6, see
     _say(f"  2048x2048 image     true {case.class_name}, predicted {result.label} "
          f"(p={result.probabilities[result.label]:.2f}), needs_review={result.needs_review} {result.review_reasons}")
     _say(f"  latency per image   fp32 {latency['fp32_ms']:.1f} ms   int8 {latency['int8_ms']:.1f} ms   (decode excluded; ONNX Runtime CPU)")
+    speedup = calibration["latency"]["speedup"]
+    _say(f"  precision auto      {auto_precision} on this CPU (int8 measured {speedup}x fp32 at quantize time)")
     _say(f"  total time          {report['seconds_total']:.0f} s   {report['seconds_by_step']}")
     _say(f"  bundle              {bundle}  (report: {out / 'report.json'})")
     sys.stdout.flush()
