@@ -38,7 +38,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -268,18 +268,35 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         model = onnx.load(str(fp32_path))
         del model.graph.value_info[:]
         staged = Path(tmp) / "dynamic.onnx"
-        quantize_dynamic(model, str(staged), op_types_to_quantize=list(op_types), per_channel=per_channel,
-                         weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
-                         # DefaultTensorType: graphs with contrib ops (ORT's fused transformer
-                         # ops) leave some tensors without an inferred type; they are float.
-                         extra_options={"MatMulConstBOnly": weights_only_matmul,
-                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
+        with _quiet_preprocess_hint():
+            quantize_dynamic(model, str(staged), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                             weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
+                             # DefaultTensorType: graphs with contrib ops (ORT's fused transformer
+                             # ops) leave some tensors without an inferred type; they are float.
+                             extra_options={"MatMulConstBOnly": weights_only_matmul,
+                                            "DefaultTensorType": onnx.TensorProto.FLOAT})
         quantized = onnx.load(str(staged))
         fused = fuse_erf_gelu(quantized) if fuse_gelu else 0
         save_model(quantized, out_path)
     return {"backend": "onnxruntime", "mode": "dynamic", "per_channel": per_channel, "weight_type": weight_type,
             "activation_type": "uint8 (per batch, at run time)", "quantized_ops": list(op_types),
             "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False}
+
+
+@contextlib.contextmanager
+def _quiet_preprocess_hint() -> Iterator[None]:
+    """Drop ORT's "consider pre-processing" hint (a root-logger warning) for dynamic
+    quantization: its shape pre-pass is for static calibration, and the user can do nothing with it."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pre-processing before quantization" not in record.getMessage()
+
+    drop = _Drop()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def float_only_violations(model: Any) -> list[str]:
