@@ -206,6 +206,13 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     staged: dict[str, str] = {}  # stage -> file relative to the bundle
     stage_info: dict[str, Any] = {}
     fallback_report: dict[str, Any] | None = None
+    reference: list[Any] = []  # fp32 decisions on the calibration cases, computed on first use
+
+    def agreement_of(graphs: dict[str, str]) -> float:
+        """End-to-end decision agreement of ``graphs`` with fp32 on the calibration cases."""
+        if not reference:
+            reference.extend(evaluator.decisions(evaluator.predict(calib.cases, None)))
+        return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs)))
 
     if precision == "int8":
         assert settings is not None
@@ -224,11 +231,6 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             staged[name] = f"{rel}/{path.name}"
             stage_info[name] = {"calibration_inputs": units}
         if target is not None:
-            reference = evaluator.decisions(evaluator.predict(calib.cases, None))
-
-            def agreement_of(graphs: dict[str, str]) -> float:
-                return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs)))
-
             base = agreement_of(staged)
             say(f"  end-to-end decision agreement with fp32 on the calibration images: {base:.4f}")
             if base < target:
@@ -266,7 +268,6 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     else:  # int8_dynamic
         # Fastest form first (attention products in INT8 too); if that misses the
         # target, the attention products go back to float (only weight MatMuls INT8).
-        reference_decisions = evaluator.decisions(evaluator.predict(calib.cases, None)) if target is not None else None
         tried: list[dict[str, Any]] = []
         for weights_only in (False, True):
             for stage in stages:
@@ -276,10 +277,9 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                 staged[name] = f"{rel}/{path.name}"
             form = "weight MatMuls" if weights_only else "every MatMul (attention products too)"
             say(f"  dynamic INT8 of {form}; {sum(i['fused_gelu'] for i in stage_info.values())} GELU fused")
-            if reference_decisions is None or target is None:
+            if target is None:
                 break
-            reached = evaluator.agreement(reference_decisions,
-                                          evaluator.decisions(evaluator.predict(calib.cases, staged)))
+            reached = agreement_of(staged)
             tried.append({"matmul_weights_only": weights_only, "agreement": reached})
             say(f"  end-to-end decision agreement with fp32 on the calibration images: {reached:.4f}")
             if reached >= target:
@@ -292,8 +292,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                 say(f"  WARNING: int8_dynamic agreement {tried[-1]['agreement']:.4f} is below the target {target:.4f}")
 
     if precision == "fp16" and target is not None:
-        reference = evaluator.decisions(evaluator.predict(calib.cases, None))
-        reached = evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, staged)))
+        reached = agreement_of(staged)
         fallback_report = {"target_agreement": target, "reached": reached >= target, "agreement": reached,
                            "note": "no automatic fallback for this precision"}
         if reached < target:

@@ -167,19 +167,13 @@ def _fastest_measured_on_cpu(manifest: Manifest, available: list[str]) -> str | 
     quantize/dequantize). None when a CPU graph of the bundle has no measurement
     (bundles quantized before it was recorded): the fixed order applies.
     """
+    present = [p for p in CPU_REDUCED if p in available]
     calibration = manifest.data.get("calibration") or {}
-    speedups: dict[str, float] = {}
-    for p in CPU_REDUCED:
-        if p not in available:
-            continue
-        entry = calibration.get(p) or {}
-        speedup = (entry.get("latency") or {}).get("speedup")
-        if speedup is None:
-            return None
-        if (entry.get("target") or {}).get("reached") is not False:
-            speedups[p] = float(speedup)
-    if not any(p in available for p in CPU_REDUCED):
+    entries = {p: calibration.get(p) or {} for p in present}
+    if not present or any((e.get("latency") or {}).get("speedup") is None for e in entries.values()):
         return None
+    speedups = {p: float(e["latency"]["speedup"]) for p, e in entries.items()
+                if (e.get("target") or {}).get("reached") is not False}
     best = max(speedups, key=lambda p: speedups[p], default=None)
     choice = best if best is not None and speedups[best] > 1.0 else "fp32"
     log.info("precision auto on CPU: %s (speed-up over fp32 measured at quantize time: %s)", choice, speedups)
