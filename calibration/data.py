@@ -101,13 +101,6 @@ def read_cases(root: str | Path) -> list[Case]:
     return [Case(p) for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())]
 
 
-def list_images(root: str | Path) -> tuple[list[Path], list[int] | None]:
-    """Image paths under ``root`` and their labels when a labels.csv is present."""
-    cases = read_cases(root)
-    labels = [c.label for c in cases]
-    return [c.image for c in cases], (labels if cases and all(lab is not None for lab in labels) else None)  # type: ignore[return-value]
-
-
 def _stratified(labels: list[int], count: int, rng: np.random.Generator) -> list[int]:
     by_class: dict[int, list[int]] = {}
     for i, lab in enumerate(labels):
@@ -152,26 +145,15 @@ def select_calibration(root: str | Path, max_images: int = 64, seed: int = 0, ex
     return CalibrationSet([c.image for c in cases], labels, digest.hexdigest(), cases)
 
 
-def load_batch(paths: list[Path], config: pp.PreprocessConfig) -> np.ndarray:
-    """Preprocessed N x 3 x H x W float32, through the runtime's code."""
-    return np.stack([pp.preprocess(read_image(p), config) for p in paths]).astype(np.float32)
-
-
 # -- what each stage sees ---------------------------------------------------------------
 def image_tiles(image: np.ndarray, config: pp.PreprocessConfig, tile: int, overlap: float) -> np.ndarray:
     """The runtime's tiles of ``image`` (make_grid), preprocessed with whole-image colour stats."""
-    from edgederm.runtime.tiling import make_grid
+    from edgederm.runtime.tiling import cut_tile, make_grid
 
     grid = make_grid(image.shape[0], image.shape[1], tile, overlap)
-    stats = pp.color_stats(image) if config.color_constancy != "none" else None
+    stats = pp.image_color_stats(image, config)
     tile_config = dataclasses.replace(config, input_size=(tile, tile))
-    crops = []
-    for y, x in grid.tiles():
-        crop = image[y:y + tile, x:x + tile]
-        pad_y, pad_x = tile - crop.shape[0], tile - crop.shape[1]
-        if pad_y or pad_x:  # only an axis shorter than the tile (runtime.tiling does the same)
-            crop = np.pad(crop, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
-        crops.append(crop)
+    crops = [cut_tile(image, y, x, tile) for y, x in grid.tiles()]
     return pp.preprocess_batch(crops, tile_config, stats)
 
 
@@ -179,7 +161,7 @@ def image_windows(image: np.ndarray, config: pp.PreprocessConfig, window: int, r
     """All ``rows*cols`` windows of ``image`` (row-major), preprocessed as the runtime does."""
     from edgederm.runtime.tiling import iter_windows
 
-    stats = pp.color_stats(image) if config.color_constancy != "none" else None
+    stats = pp.image_color_stats(image, config)
     resized = pp.resize_image(image, (rows * window, cols * window), config.resize)
     window_config = dataclasses.replace(config, input_size=(window, window), resize="none")
     out = np.empty((rows * cols, 3, window, window), np.float32)

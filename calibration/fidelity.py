@@ -107,25 +107,6 @@ def segmentation_fidelity(fp32_masks: Sequence[np.ndarray], quant_masks: Sequenc
     return report
 
 
-def decisions(outputs: np.ndarray) -> np.ndarray:
-    """The decision a model's output stands for: class per row, or per pixel for masks.
-
-    (N, K): argmax over K. (N, K, H, W) with K > 1: argmax per pixel; K == 1: logit > 0
-    (sigmoid > 0.5, the runtime's threshold). Anything else: sign of each value.
-    """
-    if outputs.ndim == 2 and outputs.shape[1] > 1:
-        return outputs.argmax(1)
-    if outputs.ndim == 4:
-        return outputs.argmax(1) if outputs.shape[1] > 1 else (outputs[:, 0] > 0)
-    return outputs > 0
-
-
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Fraction of equal decisions (per image for classifiers, per pixel for masks)."""
-    a, b = decisions(reference), decisions(candidate)
-    return float((a == b).mean()) if a.size else 1.0
-
-
 def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     """||candidate - reference|| / ||reference|| over the whole array (float64)."""
     r = reference.astype(np.float64)

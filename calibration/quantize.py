@@ -244,7 +244,9 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                     scores.update({f"{name}/{node}": v for node, v in stage_scores.items()})
                 ranked = rank(scores)
 
-                def evaluate(k: int) -> float:
+                def evaluate(k: int) -> float:  # k = 0: the all-INT8 agreement measured above
+                    if k == 0:
+                        return base
                     return agreement_of(_with_float_nodes(k, ranked, qdq, floats, staging, rel, staged))
 
                 result = run_fallback(len(ranked), evaluate, target, say)
@@ -340,9 +342,11 @@ def _with_float_nodes(k: int, ranked: list[str], qdq: dict[str, Any], floats: di
         by_stage.setdefault(stage, []).append(node)
     for stage, model in qdq.items():
         nodes = by_stage.get(stage, [])
+        if not nodes:  # the all-INT8 graph already staged
+            continue
         path = staging / f"{stage}.int8.float{len(nodes)}.onnx"
         if not path.exists():
-            save_model(return_to_float(model, floats[stage], nodes) if nodes else model, path)
+            save_model(return_to_float(model, floats[stage], nodes), path)
         graphs[stage] = f"{rel}/{path.name}"
     return graphs
 

@@ -38,6 +38,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -243,7 +244,7 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
             tile = int(tiling.get("tile", config.input_size[0]))
             overlap, blend = float(tiling.get("overlap", 0.25)), tiling.get("blend", "gaussian")
             batch = int(args.get("batch_size") or tiling.get("batch_size", 4))
-            stats = pp.color_stats(image) if config.color_constancy != "none" else None
+            stats = pp.image_color_stats(image, config)
             probe = pp.preprocess_batch(image[None, :tile, :tile] if min(image.shape[:2]) >= tile else
                                         np.zeros((1, tile, tile, 3), np.uint8), config, stats)
             out["weights_max_abs_diff"] = _weights_check(model, manifest, stage, probe)
@@ -495,16 +496,14 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.legend()
     fig.suptitle(f"{report['model']} ({report['task']}), {report['threads']} threads")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
+    from edgederm.runtime.bundle import write_bytes_atomic
+
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_bytes_atomic(path, png.getvalue())
 
 
 def parse_sizes(text: str) -> list[int]:

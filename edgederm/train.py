@@ -67,6 +67,7 @@ import numpy as np
 
 from edgederm.runtime import preprocess as pp
 from edgederm.data.csvvalues import parse_csv_value
+from edgederm.runtime.bundle import sha256_file, write_bytes_atomic, write_json_atomic
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
 
@@ -329,13 +330,6 @@ def augment(batch: np.ndarray, params: AugmentParams, rows: np.ndarray,
     return np.ascontiguousarray(out), out_masks
 
 
-def _augment(batch: np.ndarray, rng: np.random.Generator, masks: np.ndarray | None = None,
-             config: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draw and apply augmentation to a whole batch (kept for callers of the old helper)."""
-    params = draw_augment(rng, len(batch), config or TrainConfig())
-    return augment(batch, params, np.arange(len(batch)), masks)
-
-
 def segmentation_loss(logits: Any, target: Any) -> Any:
     """0.5 cross-entropy + 0.5 soft Dice (moved to ``edgederm.losses.dice_ce_loss``)."""
     from edgederm.losses import dice_ce_loss
@@ -355,15 +349,6 @@ def _progress_line(text: str) -> None:
         sys.stderr.flush()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _flat_row(entry: dict[str, Any]) -> dict[str, Any]:
     row = {}
     for key, value in entry.items():
@@ -377,8 +362,6 @@ def _flat_row(entry: dict[str, Any]) -> dict[str, Any]:
 
 def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
     """``metrics.json`` (the history as is) and ``metrics.csv`` (one flat row per epoch)."""
-    from edgederm.runtime.bundle import write_json_atomic
-
     write_json_atomic(out_dir / "metrics.json", history)
     rows = [_flat_row(h) for h in history]
     columns: list[str] = []
@@ -388,15 +371,7 @@ def write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out_dir / "metrics.csv", buf.getvalue().encode())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    write_bytes_atomic(out_dir / "metrics.csv", buf.getvalue().encode())
 
 
 # -- training state (no pickle) ---------------------------------------------------------
@@ -438,8 +413,6 @@ def save_training_state(out_dir: Path, model: Any, optimizer: Any, rng: np.rando
     import torch
     from safetensors.torch import save_file
 
-    from edgederm.runtime.bundle import write_json_atomic
-
     folder = out_dir / STATE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -452,7 +425,7 @@ def save_training_state(out_dir: Path, model: Any, optimizer: Any, rng: np.rando
     tmp = folder / f".{name}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / name)
-    meta = {**state, "tensors": name, "sha256": _sha256(folder / name), "optimizer": opt_meta,
+    meta = {**state, "tensors": name, "sha256": sha256_file(folder / name), "optimizer": opt_meta,
             "numpy_rng": rng.bit_generator.state}
     write_json_atomic(folder / STATE_JSON, meta)
     for old in folder.glob("epoch-*.safetensors"):
@@ -473,7 +446,7 @@ def read_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
                          "pass the checkpoint folder an interrupted `edgederm train --out` was writing")
     meta = json.loads(json_path.read_text())
     tensor_path = json_path.parent / meta["tensors"]
-    if not tensor_path.is_file() or _sha256(tensor_path) != meta["sha256"]:
+    if not tensor_path.is_file() or sha256_file(tensor_path) != meta["sha256"]:
         raise InputError(f"cannot resume from {json_path}: {tensor_path.name} is missing or does not match its sha256; "
                          "the training state is damaged, restart without --resume")
     return meta, load_file(str(tensor_path))

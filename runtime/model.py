@@ -67,7 +67,7 @@ import numpy as np
 
 from . import preprocess as pp
 from .backends.base import Backend
-from .bundle import Manifest, read_manifest, sha256_file
+from .bundle import Manifest, read_manifest, sha256_file, write_json_atomic
 from .errors import BundleError, InputError
 from .imageio import as_rgb_uint8, read_image
 from .memory import MemoryPlan, MemoryProfile, parse_size, plan_batch, segment_buffers, window_buffers
@@ -295,10 +295,13 @@ class DeployedModel:
             return self._engine_stages[stage["name"]]
         from .backends.onnxruntime import OnnxRuntimeBackend
 
+        def session(path: str | os.PathLike[str], **options: Any) -> Backend:
+            return OnnxRuntimeBackend(path, providers, threads, arena="same_as_requested", **options)
+
         graph = self.manifest.graph_path(stage, self.precision)
         folder = cache_dir() if cache else None
         if folder is None:
-            return OnnxRuntimeBackend(graph, providers, threads, arena="same_as_requested")
+            return session(graph)
         from .optional import optional_import
 
         ort = optional_import("onnxruntime", "the ONNX Runtime backend")
@@ -309,7 +312,7 @@ class DeployedModel:
             try:
                 expected = json.loads(sidecar.read_text()).get("sha256")
                 if expected and sha256_file(cached) == expected:
-                    backend = OnnxRuntimeBackend(cached, providers, threads, arena="same_as_requested", optimize=False)
+                    backend = session(cached, optimize=False)
                     self.cache_hits[stage["name"]] = True
                     return backend
                 log.warning("optimised-graph cache %s does not match its recorded sha256; rebuilding it", cached)
@@ -322,27 +325,24 @@ class DeployedModel:
             os.close(fd)
         except OSError as exc:
             self._fallback(f"optimised-graph cache disabled: cannot write {folder} ({exc}); set EDGEDERM_CACHE")
-            return OnnxRuntimeBackend(graph, providers, threads, arena="same_as_requested")
+            return session(graph)
         try:
             # The session that writes the optimised graph keeps ~the model's size of extra
             # memory for its life (measured: +120 MB on a ViT-S window encoder), so it is
             # only used to write the file; the model runs on a session loaded from it.
-            writer = OnnxRuntimeBackend(graph, providers, threads, optimized_cache=tmp, arena="same_as_requested")
+            writer = session(graph, optimized_cache=tmp)
             del writer
             digest = sha256_file(tmp)
             os.replace(tmp, cached)
             meta = {"sha256": digest, "graph_sha256": graph_sha, "onnxruntime": ort.__version__,
                     "providers": providers, "bundle": str(self.manifest.root), "stage": stage["name"]}
-            fd, tmp_meta = tempfile.mkstemp(prefix=f".{key}.", suffix=".json.tmp", dir=folder)
-            with os.fdopen(fd, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp_meta, sidecar)
-            backend = OnnxRuntimeBackend(cached, providers, threads, arena="same_as_requested", optimize=False)
+            write_json_atomic(sidecar, meta)
+            backend = session(cached, optimize=False)
         except Exception as exc:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
                 log.warning("could not store optimised graph in %s: %s", folder, exc)
-                return OnnxRuntimeBackend(graph, providers, threads, arena="same_as_requested")
+                return session(graph)
             raise
         return backend
 
@@ -580,7 +580,7 @@ class DeployedModel:
 
     def _stats(self, key: str, image: np.ndarray, cache: dict[str, pp.ColorStats | None]) -> pp.ColorStats | None:
         if key not in cache:
-            cache[key] = pp.color_stats(image) if self.preprocess_config.color_constancy != "none" else None
+            cache[key] = pp.image_color_stats(image, self.preprocess_config)
         return cache[key]
 
     def _source_value(self, source: str, spec: dict[str, Any], image: np.ndarray | None,
@@ -660,35 +660,30 @@ class DeployedModel:
         return {out_name: embeddings}
 
     # -- segmentation path -------------------------------------------------------------
-    def _predict_segment_at_working_scale(self, image: np.ndarray, timings: dict[str, float],
-                                          progress: Callable[[int, int], None] | None) -> Result:
+    def _predict_segment(self, image: np.ndarray, timings: dict[str, float],
+                         progress: Callable[[int, int], None] | None) -> Result:
+        """Tiled segmentation; ``tiling.working_max_side`` (when set) rescales first."""
         full_height, full_width = image.shape[:2]
         working = self.tiling.get("working_max_side")
         if not working or max(full_height, full_width) <= int(working):
-            return self._predict_segment(image, timings, progress, native=True)
+            return self._segment_tiled(image, timings, progress)
         # The model learnt lesions at this pixel scale (e.g. whole images resized to
         # its input size): tile a copy at that scale, then bring the mask and the
         # heatmap back to the input resolution.
         scale = int(working) / max(full_height, full_width)
         size = (max(1, round(full_width * scale)), max(1, round(full_height * scale)))
-        result = self._predict_segment(cv2.resize(image, size, interpolation=cv2.INTER_AREA), timings, progress,
-                                       native=True)
+        result = self._segment_tiled(cv2.resize(image, size, interpolation=cv2.INTER_AREA), timings, progress)
         assert result.mask is not None and result.heatmap is not None
         result.mask = cv2.resize(result.mask, (full_width, full_height), interpolation=cv2.INTER_NEAREST)
         result.heatmap = cv2.resize(result.heatmap, (full_width, full_height), interpolation=cv2.INTER_LINEAR)
         result.probabilities = {"lesion_fraction": cv2.countNonZero(result.mask) / float(result.mask.size)}
         return result
 
-    def _predict_segment(self, image: np.ndarray, timings: dict[str, float],
-                         progress: Callable[[int, int], None] | None, native: bool = False) -> Result:
-        """Tiled segmentation; ``tiling.working_max_side`` (when set) rescales first.
-
-        ``native=True``: the image is already at the working scale.
-        """
+    def _segment_tiled(self, image: np.ndarray, timings: dict[str, float],
+                       progress: Callable[[int, int], None] | None) -> Result:
+        """Tiled segmentation of an image already at the working scale."""
         from .tiling import TilingStats, sliding_window
 
-        if not native:
-            return self._predict_segment_at_working_scale(image, timings, progress)
         stage = self.manifest.stages[0]
         backend = self.stages[stage["name"]]
         config = self.preprocess_config
@@ -698,7 +693,7 @@ class DeployedModel:
         height, width = image.shape[:2]
         plan = self.plan_memory(height, width)
         t0 = time.perf_counter()
-        stats = pp.color_stats(image) if config.color_constancy != "none" else None
+        stats = pp.image_color_stats(image, config)
         timings["color_stats"] = (time.perf_counter() - t0) * 1000
         input_name = stage["inputs"][0]["name"]
         output_name = stage["outputs"][0]["name"]

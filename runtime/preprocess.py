@@ -242,6 +242,12 @@ def color_stats(image_uint8: np.ndarray, max_side: int = 512) -> ColorStats:
     return ColorStats(mean=mean.reshape(3), std=std.reshape(3))
 
 
+def image_color_stats(image_uint8: np.ndarray, config: PreprocessConfig) -> ColorStats | None:
+    """The whole-image statistics every tile or window of ``image`` is corrected with
+    (tiles alone would each get their own colour cast); None without colour constancy."""
+    return color_stats(image_uint8) if config.color_constancy != "none" else None
+
+
 def _apply_channel_lut(image: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Apply per-channel maps given as float values for 0..255 (shape 256x3)."""
     lut = np.clip(np.rint(table), 0, 255).astype(np.uint8).reshape(1, 256, 3)

@@ -218,7 +218,9 @@ def _check_image(image: object, what: str = "image") -> np.ndarray:
     return image
 
 
-def _cut_tile(image: np.ndarray, y: int, x: int, tile: int) -> np.ndarray:
+def cut_tile(image: np.ndarray, y: int, x: int, tile: int) -> np.ndarray:
+    """The ``tile`` x ``tile`` crop at (y, x), reflect-padded on an axis shorter than the tile
+    (calibration/data.py cuts its calibration tiles with this too)."""
     crop = image[y : y + tile, x : x + tile]
     pad_y, pad_x = tile - crop.shape[0], tile - crop.shape[1]
     if pad_y or pad_x:
@@ -371,7 +373,7 @@ def _run(
         batch_corners = corners[start : start + batch_size]
         batch = np.empty((len(batch_corners), tile, tile, image.shape[2]), dtype=np.uint8)
         for i, (y, x) in enumerate(batch_corners):
-            batch[i] = _cut_tile(image, y, x, tile)
+            batch[i] = cut_tile(image, y, x, tile)
         pred = _check_prediction(predict(batch), len(batch_corners), tile, channels)
         del batch
 

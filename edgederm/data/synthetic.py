@@ -49,18 +49,19 @@ Decisions taken here:
 from __future__ import annotations
 
 import csv
+import io
 import math
 import operator
 import os
 import pathlib
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 
+from edgederm.runtime.bundle import write_bytes_atomic
 from edgederm.runtime.errors import InputError
 
 __all__ = [
@@ -756,21 +757,11 @@ def generate_dataset(
             print(f"generate_dataset: {i + 1}/{total} cases ({100 * (i + 1) // total}%)",
                   file=sys.stderr, flush=True)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=".labels.", suffix=".csv.tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, out / "labels.csv")
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes_atomic(out / "labels.csv", table.getvalue().encode("utf-8"))
     return out
 
 

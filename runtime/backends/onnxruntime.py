@@ -18,7 +18,6 @@ from .base import Backend, TensorInfo
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 def available_providers() -> list[str]:
@@ -77,7 +76,6 @@ class OnnxRuntimeBackend(Backend):
         providers = providers or ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(Path(graph)), options, providers=providers)
         self.providers = self.session.get_providers()
-        self.device = "cpu" if self.providers[0] == "CPUExecutionProvider" else self.providers[0]
         self._inputs = [TensorInfo(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self._outputs]

@@ -39,7 +39,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -352,7 +352,6 @@ class TensorRTBackend(Backend):
             reasons = check_engine_target(entry, device)
             if reasons:  # callers go through select_engine; this guards direct use
                 raise TensorRTError(f"engine {engine_path} does not match this device: {'; '.join(reasons)}")
-        self.device_info = device
         cuda_check(cudart.cudaSetDevice(device_index), "cudaSetDevice")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -500,14 +499,3 @@ def load_engine_stages(manifest: Any, precision: str | None = None, device: Devi
             backend.close()
         return None, None, f"TensorRT engines not used: {exc}"
     return stages, next(iter(chosen.values()))["precision"], ""
-
-
-def describe_engines(entries: Iterable[Mapping[str, Any]]) -> list[str]:
-    """One line per engine entry, for `edgederm build` and `doctor`."""
-    lines = []
-    for e in entries:
-        t = e.get("target", {})
-        lines.append(f"{e.get('stage')} {e.get('precision')} -> {e.get('file')} "
-                     f"({t.get('gpu_name')}, sm {t.get('compute_capability')} x{t.get('sm_count')}, "
-                     f"TensorRT {t.get('tensorrt_version')})")
-    return lines
