@@ -52,6 +52,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from edgederm.metrics import dice_score
+
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_graph_flops", "format_report", "plot_report"]
 
 ENGINES = ("edgederm", "torch", "monai")
@@ -298,7 +300,6 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
                 count = grid_y * grid_x
         else:
             # Classifier: forward of the whole model on the same preprocessed input.
-            x = torch.from_numpy(pp.preprocess(image, config)[None])
             with torch.no_grad():
                 model(dermoscopy=torch.from_numpy(pp.preprocess(image[:64, :64], config)[None]))
                 rss_before = current_rss_bytes()
@@ -342,12 +343,6 @@ def _run_worker(args: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -435,7 +430,7 @@ def _summarise(rows: dict[str, dict[str, Any]], flops: float | None, peak_gflops
             if "weights_max_abs_diff" in row:
                 row["same_weights"] = row["weights_max_abs_diff"] <= 1e-3
             if ours_mask is not None and row.get("mask"):
-                row["dice_vs_edgederm"] = _dice(ours_mask, np.load(row["mask"]))
+                row["dice_vs_edgederm"] = dice_score(ours_mask, np.load(row["mask"]))
             if task != "segment" and "probabilities" in ours and "probabilities" in row:
                 row["max_probability_diff"] = max(abs(ours["probabilities"][k] - row["probabilities"][k])
                                                   for k in ours["probabilities"])

@@ -106,6 +106,13 @@ def hd95(pred: np.ndarray, truth: np.ndarray) -> float | None:
     return float(np.percentile(np.concatenate([d_pt, d_tp]), 95))
 
 
+def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks (nonzero = lesion); 1.0 when both are empty."""
+    p, t = np.asarray(pred) > 0, np.asarray(truth) > 0
+    total = float(p.sum() + t.sum())
+    return 1.0 if total == 0 else 2 * float((p & t).sum()) / total
+
+
 def segmentation_metrics(pred_masks: np.ndarray, true_masks: np.ndarray) -> dict[str, Any]:
     """Mean per-image Dice, IoU and HD95 of binary (lesion = nonzero) masks, N x H x W."""
     pred_masks = np.asarray(pred_masks) > 0
@@ -114,9 +121,8 @@ def segmentation_metrics(pred_masks: np.ndarray, true_masks: np.ndarray) -> dict
     undefined = 0
     for p, t in zip(pred_masks, true_masks):
         inter = float((p & t).sum())
-        total = float(p.sum() + t.sum())
-        union = total - inter
-        dice.append(1.0 if total == 0 else 2 * inter / total)
+        union = float(p.sum() + t.sum()) - inter
+        dice.append(dice_score(p, t))
         iou.append(1.0 if union == 0 else inter / union)
         h = hd95(p, t)
         if h is None:

@@ -67,15 +67,17 @@ def export_stage_onnx(stage: ExportStage, path: str | os.PathLike[str], opset: i
         quiet = logging.getLogger("torch.onnx")
         level = quiet.level
         quiet.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, args, input_names=names, output_names=list(stage.outputs),
-                opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
-                external_data=False, optimize=True, verify=False,
-            )
-            program.save(tmp, external_data=False)
-        quiet.setLevel(level)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    module, args, input_names=names, output_names=list(stage.outputs),
+                    opset_version=opset, dynamo=True, dynamic_shapes=dynamic_shapes,
+                    external_data=False, optimize=True, verify=False,
+                )
+                program.save(tmp, external_data=False)
+        finally:  # a failed export must not leave torch.onnx's logging silenced
+            quiet.setLevel(level)
         log.debug("exporter output for %s: %s", stage.name, sink.getvalue())
         os.replace(tmp, path)
     except Exception as exc:

@@ -53,6 +53,7 @@ from torch.nn import functional as F
 from .base import EdgeDermModel
 from .layers import ConvNormAct, PatchEmbed, PatchMerging, SqueezeExcite, SwinStage
 from .layers.resnet import ResNetEncoder
+from .layers.vit import init_linear
 from .registry import register_model
 
 
@@ -105,7 +106,7 @@ class SwinV2Encoder(nn.Module):
                 self.dims[i], (self.sides[i],) * 2, depth, heads[i], window, drop_path=rates[start:start + depth],
                 post_norm=True, cosine_attention=True, pad_to_window=pad_to_window,
             ))
-        self.apply(_init_transformer)
+        self.apply(init_linear)
 
     def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``index`` on a map (N x C x H x W): image for 0, previous stage's map after."""
@@ -120,13 +121,6 @@ class SwinV2Encoder(nn.Module):
             x = self.stage(i, x)
             feats.append(x)
         return feats
-
-
-def _init_transformer(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 def swin_v2_key_map(key: str) -> str | None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from .base import EdgeDermModel
 from .layers import ChannelAttention, ConvNormAct, DropPath, LayerNorm2d, PatchEmbed, PatchMerging, SpatialAttention, SwinStage
+from .layers.vit import init_linear
 from .registry import register_model
 
 
@@ -141,7 +142,7 @@ class HiFuse(EdgeDermModel):
         self.sides = [img_size // 4 // 2**i for i in range(4)]
         self.norm = nn.LayerNorm(dims[-1])
         self.head = nn.Linear(dims[-1], num_classes)
-        self.apply(_init_weights)
+        self.apply(init_linear)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x)
@@ -158,13 +159,6 @@ class HiFuse(EdgeDermModel):
 
     def forward(self, dermoscopy: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(dermoscopy))
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 @register_model("hifuse")

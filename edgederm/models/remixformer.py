@@ -86,19 +86,6 @@ MODALITY_ORDER = ("dermoscopy", "clinical", "metadata")  # columns of modality_m
 # --------------------------------------------------------------------------- clinical
 
 
-def merge_patches(merging: PatchMerging, x: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
-    """``PatchMerging`` at any resolution (its weights do not depend on it).
-
-    The local encoder runs the global encoder's merges at the crop resolution, so the
-    resolution is an argument here; the 2x2 order is Swin's (x0, x1, x2, x3).
-    """
-    height, width = resolution
-    channels = x.shape[-1]
-    x = x.reshape(-1, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
-    x = x.reshape(-1, (height // 2) * (width // 2), 4 * channels)
-    return merging.reduction(merging.norm(x))
-
-
 class ClsSwinBlock(SwinBlock):
     """A Swin block that can carry a CLS token (CLS-WMSA).
 
@@ -294,7 +281,7 @@ class ClinicalEncoder(nn.Module):
                    want_scores: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if stage > 0:
             side = (self.local_sides if local else self.sides)[stage - 1]
-            x = merge_patches(self.merges[stage], x, (side, side))
+            x = self.merges[stage](x, (side, side))
             cls = self.cls_projections[stage](cls)
         scores = None
         blocks = self.stages[stage].blocks
@@ -365,7 +352,7 @@ class ClinicalEncoder(nn.Module):
         x = self.patch_embed(clinical)
         for i in range(4):
             if i > 0:
-                x = merge_patches(self.merges[i], x, (self.sides[i - 1], self.sides[i - 1]))
+                x = self.merges[i](x, (self.sides[i - 1], self.sides[i - 1]))
             for block in self.stages[i].blocks:
                 x = block(x)
         return self.norm(x)

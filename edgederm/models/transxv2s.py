@@ -62,6 +62,7 @@ from .base import EdgeDermModel
 from .layers import SwinStage
 from .layers.efficientnet import EFFICIENTNETV2_S, EfficientNetV2, StageConfig
 from .layers.xception import Xception, timm_xception_key_map
+from .layers.vit import init_linear
 from .pretrained import load_mapped
 from .registry import register_model
 
@@ -253,8 +254,7 @@ class TransXV2SNet(EdgeDermModel):
         self.dropout = nn.Dropout(drop_rate)
         self.head = nn.Linear(fusion_dim, num_classes)
         for module in (self.project_eff, self.project_swin, self.project_xcept, self.project_dcgan, self.head):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            init_linear(module)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         f_eff, f_swin = self.efficient_swin(x)

@@ -154,6 +154,8 @@ class VisionTransformer(nn.Module):
 
 
 def init_linear(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) weights and zero bias for Linear layers, the ViT/Swin
+    convention; use with ``module.apply``. Other modules are left as they are."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -240,6 +240,8 @@ class PatchMerging(nn.Module):
     """2x2 neighbourhood concat -> LayerNorm -> Linear(4C -> 2C); halves H and W.
 
     ``post_norm=True`` (Swin V2) normalises after the reduction instead of before.
+    The weights do not depend on the resolution: ``forward(x, resolution)`` runs the
+    same merge at another one (RemixFormer++'s local encoder, on crops).
     """
 
     def __init__(self, dim: int, resolution: tuple[int, int], post_norm: bool = False, out_dim: int | None = None) -> None:
@@ -250,8 +252,8 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
         self.norm = nn.LayerNorm(out_dim if post_norm else 4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = self.resolution
+    def forward(self, x: torch.Tensor, resolution: tuple[int, int] | None = None) -> torch.Tensor:
+        height, width = resolution or self.resolution
         channels = x.shape[-1]
         # (B, H/2, 2, W/2, 2, C) -> (B, H/2, W/2, 2(col), 2(row), C): the x0,x1,x2,x3 order of Swin
         x = x.reshape(-1, height // 2, 2, width // 2, 2, channels).permute(0, 1, 3, 4, 2, 5)
