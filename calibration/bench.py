@@ -49,18 +49,6 @@ class Variant:
     note: str = ""
 
 
-def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _windows(seeds: range, size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
     from edgederm.data.synthetic import generate_case
     from edgederm.runtime.preprocess import PreprocessConfig
@@ -113,6 +101,8 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     from edgederm.export.onnx import export_stage_onnx
     from edgederm.models.base import ExportStage
     from edgederm.models.remixformer import WindowEncoder
+
+    from edgederm.runtime.backends.onnxruntime import cpu_session
 
     from .graphs import QuantSettings, prepare_graph, quantize_dynamic_graph, quantize_graph, save_model
 
@@ -240,7 +230,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
             assert variant.build is not None
             path = variant.build(work / f"window_encoder.{variant.name}.onnx")
             build_s = time.perf_counter() - t0
-            session = _session(path, threads)
+            session = cpu_session(path, threads)
             name = session.get_inputs()[0].name
 
             def infer_ort(x: np.ndarray, session: Any = session, name: str = name) -> np.ndarray:

@@ -234,16 +234,9 @@ class StageInputs:
         return self.schema.encode(record)[None]
 
     def run(self, cases: list[Case], graphs: dict[str, Any], threads: int = 2) -> dict[str, list[dict[str, np.ndarray]]]:
-        import onnxruntime as ort
+        from edgederm.runtime.backends.onnxruntime import cpu_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        sessions = {}
-        for stage in self.manifest.stages:
-            graph = graphs[stage["name"]]
-            source = graph.SerializeToString() if hasattr(graph, "SerializeToString") else str(graph)
-            sessions[stage["name"]] = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        sessions = {stage["name"]: cpu_session(graphs[stage["name"]], threads) for stage in self.manifest.stages}
         per_stage: dict[str, list[dict[str, np.ndarray]]] = {s["name"]: [] for s in self.manifest.stages}
         for n, case in enumerate(cases):
             image = read_image(case.image)

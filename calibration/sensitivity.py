@@ -96,13 +96,9 @@ def only_quantized(qdq_model: Any, float_model: Any, node: str, all_nodes: Seque
 
 def run_graph(model: Any, feeds: Sequence[dict[str, np.ndarray]], threads: int = 2) -> list[np.ndarray]:
     """First output of ``model`` (an in-memory ModelProto) on each feed, on ORT CPU."""
-    import onnxruntime as ort
+    from edgederm.runtime.backends.onnxruntime import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(model, threads)
     name = session.get_outputs()[0].name
     return [session.run([name], feed)[0] for feed in feeds]
 

@@ -106,11 +106,9 @@ def check_parity(
     Batch sizes other than the export batch prove no batch size was baked in.
     ``inputs`` replaces the random inputs (e.g. real images); its batch is used as is.
     """
-    import onnxruntime as ort
+    from edgederm.runtime.backends.onnxruntime import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path)
     generator = torch.Generator().manual_seed(seed)
     worst_abs, worst_rel = 0.0, 0.0
     feeds = [inputs] if inputs is not None else [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,23 @@ from .base import Backend, TensorInfo
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
 
+
+
+def cpu_session(graph: str | os.PathLike[str] | Any, threads: int | None = None) -> Any:
+    """A plain ONNX Runtime CPU session (quiet log, ORT's default optimisations) for the
+    tools that run one graph directly: calibration, sensitivity, parity checks, benchmarks.
+
+    ``graph``: a path or an in-memory ModelProto. ``threads``: intra-op threads (None:
+    ORT's default, all cores). The runtime's own sessions are :class:`OnnxRuntimeBackend`.
+    """
+    ort = optional_import("onnxruntime", "the ONNX Runtime backend")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    source = graph.SerializeToString() if hasattr(graph, "SerializeToString") else str(graph)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def available_providers() -> list[str]:
