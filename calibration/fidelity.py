@@ -31,7 +31,7 @@ from edgederm.metrics import hd95  # one HD95 definition for training and fideli
 def classification_fidelity(fp32_probs: np.ndarray, quant_probs: np.ndarray, labels: np.ndarray | None,
                             class_names: Sequence[str]) -> dict[str, Any]:
     """Agreement and probability drift of a reduced-precision graph against fp32."""
-    from edgederm.train import expected_calibration_error
+    from edgederm.metrics import expected_calibration_error
 
     ref, got = fp32_probs.argmax(1), quant_probs.argmax(1)
     diff = np.abs(fp32_probs.astype(np.float64) - quant_probs.astype(np.float64))

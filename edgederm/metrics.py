@@ -1,5 +1,6 @@
 """Evaluation metrics in numpy: classification (accuracy, balanced accuracy, macro F1,
-per-class recall, one-vs-rest AUC) and segmentation (Dice, IoU, HD95).
+per-class recall, one-vs-rest AUC), segmentation (Dice, IoU, HD95) and probability
+calibration (ECE, temperature fit: used by training and by the quantization report).
 
 Decisions:
 
@@ -19,6 +20,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -135,3 +137,44 @@ def segmentation_metrics(pred_masks: np.ndarray, true_masks: np.ndarray) -> dict
         "hd95": float(np.mean(hd)) if hd else None,
         "hd95_undefined_images": undefined,
     }
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE with equal-width confidence bins (Guo et al., 2017): sum_b |B|/N |acc_b - conf_b|."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (confidence > lo) & (confidence <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising validation NLL (golden-section search over log T).
+
+    T is kept in [0.25, 20]: when the validation split is perfectly separated the
+    NLL keeps falling as T -> 0, and a device should not be taught certainty from a
+    few hundred images; at the other end, T = 20 already flattens any trained
+    classifier to near-uniform, so a larger optimum means the model did not learn.
+    """
+    logits = np.asarray(logits, np.float64)
+
+    def nll(log_t: float) -> float:
+        z = logits / math.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(labels)), labels].mean())
+
+    lo, hi = math.log(0.25), math.log(20.0)
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    for _ in range(60):
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+    return math.exp((lo + hi) / 2)

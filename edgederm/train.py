@@ -67,6 +67,7 @@ import numpy as np
 
 from edgederm.runtime import preprocess as pp
 from edgederm.data.csvvalues import parse_csv_value
+from edgederm.metrics import expected_calibration_error, fit_temperature  # noqa: F401  (public here too)
 from edgederm.runtime.bundle import sha256_file, write_bytes_atomic, write_json_atomic
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
@@ -222,47 +223,6 @@ class TrainConfig:
 
 
 # -- pure pieces (tested on their own) ---------------------------------------------------
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature minimising validation NLL (golden-section search over log T).
-
-    T is kept in [0.25, 20]: when the validation split is perfectly separated the
-    NLL keeps falling as T -> 0, and a device should not be taught certainty from a
-    few hundred images; at the other end, T = 20 already flattens any trained
-    classifier to near-uniform, so a larger optimum means the model did not learn.
-    """
-    logits = np.asarray(logits, np.float64)
-
-    def nll(log_t: float) -> float:
-        z = logits / math.exp(log_t)
-        z = z - z.max(axis=1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        return float(-logp[np.arange(len(labels)), labels].mean())
-
-    lo, hi = math.log(0.25), math.log(20.0)
-    golden = (math.sqrt(5) - 1) / 2
-    a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-    for _ in range(60):
-        if nll(a) < nll(b):
-            hi = b
-        else:
-            lo = a
-        a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
-    return math.exp((lo + hi) / 2)
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE with equal-width confidence bins (Guo et al., 2017): sum_b |B|/N |acc_b - conf_b|."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (confidence > lo) & (confidence <= hi)
-        if sel.any():
-            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
-    return float(ece)
-
-
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine", power: float = 0.9) -> float:
     """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
     if step < warmup_steps:

@@ -36,10 +36,6 @@ def _tensor_spec(name: str, shape: tuple[int, ...], dtype: str, dynamic: dict[in
     return {"name": name, "shape": [dynamic.get(i, d) for i, d in enumerate(shape)], "dtype": dtype}
 
 
-def graph_entry(path: Path, root: Path) -> dict[str, Any]:
-    return {"file": path.relative_to(root).as_posix(), "sha256": sha256_file(path)}
-
-
 def file_table(root: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every regular file in the bundle except the manifest."""
     table = {}
@@ -112,7 +108,7 @@ def export_bundle(
                     for n, t in stage.inputs.items()
                 ],
                 "outputs": [_tensor_spec(n, tuple(o.shape), "float32", {0: "batch"}) for n, o in zip(stage.outputs, outs)],
-                "graphs": {"fp32": graph_entry(path, staging)},
+                "graphs": {"fp32": {"file": path.relative_to(staging).as_posix()}},  # sha256: from files below
             })
         preprocess_config = preprocess or default_preprocess(model)
         tiling = tiling_section(model)
@@ -150,6 +146,9 @@ def export_bundle(
             **(extra or {}),
             "files": file_table(staging),
         }
+        for entry in stages_json:  # each graph hashed once, by file_table
+            graph = entry["graphs"]["fp32"]
+            graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
         write_json_atomic(staging / MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
