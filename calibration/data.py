@@ -229,9 +229,7 @@ class StageInputs:
     def _metadata(self, case: Case) -> np.ndarray:
         if self.schema is None:
             raise BundleError("a stage takes metadata but the manifest has no model.metadata_schema; re-export the bundle")
-        fields = {f["name"] for f in self.schema.fields}
-        record = {k: v for k, v in (case.metadata or {}).items() if k in fields}
-        return self.schema.encode(record)[None]
+        return self.schema.encode(self.schema.select(case.metadata))[None]
 
     def run(self, cases: list[Case], graphs: dict[str, Any], threads: int = 2) -> dict[str, list[dict[str, np.ndarray]]]:
         from edgederm.runtime.backends.onnxruntime import cpu_session

@@ -42,6 +42,7 @@ import numpy as np
 from edgederm.runtime.bundle import Manifest, read_manifest, sha256_file, write_json_atomic
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
+from edgederm.runtime.metadata import load_schema
 
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
 from .fidelity import classification_fidelity, segmentation_fidelity
@@ -92,9 +93,7 @@ class _Evaluator:
                 stage["graphs"][precision] = {"file": graphs[stage["name"]], "sha256": ""}
         model = DeployedModel(Manifest(self.manifest.root, data), backend="onnxruntime-cpu", precision=precision,
                               threads=self.threads, cache=False)
-        schema_fields = None
-        if model.model_info.get("metadata_schema"):
-            schema_fields = {f["name"] for f in model.model_info["metadata_schema"]["fields"]}
+        schema = load_schema(model.model_info["metadata_schema"]) if model.model_info.get("metadata_schema") else None
         results = []
         for case in cases:
             image = self._image(case.image)
@@ -102,8 +101,8 @@ class _Evaluator:
             if "clinical" in self.modalities:
                 clinical = self._image(case.clinical) if case.clinical is not None else image  # stand-in, as calibrated
             metadata = None
-            if "metadata" in self.modalities and case.metadata is not None and schema_fields is not None:
-                metadata = {k: v for k, v in case.metadata.items() if k in schema_fields}
+            if "metadata" in self.modalities and case.metadata is not None and schema is not None:
+                metadata = schema.select(case.metadata)
             results.append(model.predict(dermoscopy=image, clinical=clinical, metadata=metadata))
         return results
 

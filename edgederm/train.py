@@ -100,8 +100,7 @@ class LabelledImages:
         from edgederm.runtime.metadata import load_schema
 
         schema = load_schema(schema)
-        fields_ = {f["name"] for f in schema.fields}
-        return schema.encode_many([{k: v for k, v in r.items() if k in fields_} for r in self.records])
+        return schema.encode_many([schema.select(r) for r in self.records])
 
     def fingerprint(self) -> str:
         """Hash of ids, labels and tensor shape: a resume must see the same dataset."""

@@ -91,6 +91,12 @@ class MetadataSchema:
                 out += [min(max((number - lo) / (hi - lo), 0.0), 1.0), 0.0]
         return np.asarray(out, np.float32)
 
+    def select(self, record: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``record`` without the fields this schema does not use (dataset tables carry
+        more columns than a model reads; :meth:`encode` refuses unknown fields)."""
+        known = {f["name"] for f in self.fields}
+        return {k: v for k, v in (record or {}).items() if k in known}
+
     def encode_many(self, records: Sequence[Mapping[str, Any] | None]) -> np.ndarray:
         return np.stack([self.encode(r) for r in records]) if records else np.zeros((0, self.dim), np.float32)
 

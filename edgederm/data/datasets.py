@@ -235,8 +235,7 @@ class Dataset(Sequence[Record]):
         if chosen is None:
             raise InputError(f"dataset {self.root} ({self.layout}) was read without a metadata schema; "
                              "pass schema=<name or JSON file> to read_dataset or to metadata_matrix")
-        fields = {f["name"] for f in chosen.fields}
-        return chosen.encode_many([{k: v for k, v in r.metadata.items() if k in fields} for r in self.records])
+        return chosen.encode_many([chosen.select(r.metadata) for r in self.records])
 
     def summary(self) -> str:
         """One line for a person: layout, size, classes, masks, metadata."""
