@@ -393,17 +393,22 @@ def save_training_state(out_dir: Path, model: Any, optimizer: Any, rng: np.rando
     return folder / STATE_JSON
 
 
-def read_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state.json contents, tensors)`` from a checkpoint folder, its training_state/ or state.json."""
-    from safetensors.torch import load_file
-
+def _training_state_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(path of state.json, its contents)`` from a checkpoint folder, its training_state/ or state.json."""
     path = Path(path)
     candidates = [path, path / STATE_JSON, path / STATE_DIR / STATE_JSON]
     json_path = next((p for p in candidates if p.is_file()), None)
     if json_path is None:
         raise InputError(f"cannot resume from {path}: no {STATE_DIR}/{STATE_JSON} there; "
                          "pass the checkpoint folder an interrupted `edgederm train --out` was writing")
-    meta = json.loads(json_path.read_text())
+    return json_path, json.loads(json_path.read_text())
+
+
+def read_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state.json contents, tensors)``, the tensors checked against their sha256."""
+    from safetensors.torch import load_file
+
+    json_path, meta = _training_state_json(path)
     tensor_path = json_path.parent / meta["tensors"]
     if not tensor_path.is_file() or sha256_file(tensor_path) != meta["sha256"]:
         raise InputError(f"cannot resume from {json_path}: {tensor_path.name} is missing or does not match its sha256; "
@@ -861,7 +866,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from CLI options; with --resume, the run's stored options (only --epochs/--threads may change)."""
     if args.resume is not None:
-        base = TrainConfig.from_dict(read_training_state(args.resume)[0]["config"])
+        # only the config here (no tensors): train() reads and verifies the whole state
+        base = TrainConfig.from_dict(_training_state_json(args.resume)[1]["config"])
     else:
         base = TrainConfig()
     values = base.to_dict()
