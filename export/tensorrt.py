@@ -103,28 +103,41 @@ def memory_limits(memory_budget: int | str | None, workspace: int | str | None) 
     return ws, budget // 2
 
 
+def tiled_plan(bundle: str | os.PathLike[str], manifest_data: Mapping[str, Any],
+               memory_budget: int | str | None, image_size: int = 2048) -> tuple[str, int] | None:
+    """``(tiled stage, tile batch)`` of the runtime's memory plan for ``memory_budget``
+    (from the profile measured at export); None without a budget, a profile or a plan."""
+    if memory_budget is None or not manifest_data.get("memory"):
+        return None
+    try:
+        from edgederm.runtime import load
+
+        model = load(bundle, memory_budget=memory_budget, plan_image_size=image_size)  # type: ignore[call-arg,unused-ignore]
+        plan = getattr(model, "memory_plan", None)
+        tiled = model._tiled_stage() if hasattr(model, "_tiled_stage") else None
+        if plan is not None and isinstance(tiled, dict) and tiled.get("name"):
+            return str(tiled["name"]), int(plan.batch_size)
+    except (EdgeDermError, TypeError, AttributeError) as exc:
+        log.warning("memory plan unavailable (%s); using the bundle's tile batch", exc)
+    return None
+
+
 def planned_batch(bundle: str | os.PathLike[str], manifest_data: Mapping[str, Any], stage: str,
-                  memory_budget: int | str | None = None, image_size: int = 2048) -> tuple[int, str]:
+                  memory_budget: int | str | None = None, image_size: int = 2048,
+                  plan: tuple[str, int] | None = None) -> tuple[int, str]:
     """The tile batch the runtime will send ``stage``, and where the number came from.
 
     Order: the manifest's memory plan for ``memory_budget`` (the runtime's planner,
     from the profile measured at export) for the tiled stage; else the manifest's
-    ``tiling.batch_size``; else :data:`DEFAULT_BATCH`.
+    ``tiling.batch_size``; else :data:`DEFAULT_BATCH`. ``plan``: :func:`tiled_plan`'s
+    result when the caller has it (one model load for all stages).
     """
     tiling = manifest_data.get("tiling") or {}
     default = tiling.get("batch_size") if isinstance(tiling.get("batch_size"), int) else None
-    if memory_budget is not None and manifest_data.get("memory"):
-        try:
-            from edgederm.runtime import load
-
-            model = load(bundle, memory_budget=memory_budget, plan_image_size=image_size)  # type: ignore[call-arg,unused-ignore]
-            plan = getattr(model, "memory_plan", None)
-            tiled = model._tiled_stage() if hasattr(model, "_tiled_stage") else None
-            tiled_name = tiled.get("name") if isinstance(tiled, dict) else None
-            if plan is not None and tiled_name == stage:
-                return int(plan.batch_size), f"memory plan for {memory_budget} at {image_size}x{image_size}"
-        except (EdgeDermError, TypeError, AttributeError) as exc:
-            log.warning("memory plan unavailable (%s); using the bundle's tile batch", exc)
+    if plan is None:
+        plan = tiled_plan(bundle, manifest_data, memory_budget, image_size)
+    if plan is not None and plan[0] == stage:
+        return plan[1], f"memory plan for {memory_budget} at {image_size}x{image_size}"
     if default:
         return int(default), "bundle tiling.batch_size"
     return DEFAULT_BATCH, f"default ({DEFAULT_BATCH})"
@@ -344,10 +357,11 @@ def build_engines(
         raise InputError(f"calibration cache {calibration_cache!s} does not exist; write one with "
                          "edgederm.calibration.trt_cache.calibration_cache_from_onnx")
     plans = []
+    memory_plan = None if batch else tiled_plan(manifest.root, manifest.data, memory_budget)
     for stage in manifest.stages:  # everything checkable is checked before TensorRT is needed
         onnx_path, quantization = _graph_for(manifest, stage, precision, cache_file, strongly_typed)
         stage_batch, batch_source = (batch, "requested") if batch else planned_batch(
-            manifest.root, manifest.data, stage["name"], memory_budget)
+            manifest.root, manifest.data, stage["name"], memory_budget, plan=memory_plan)
         plans.append((stage, onnx_path, quantization, stage_batch, batch_source, stage_profiles(stage, stage_batch)))
     require_tensorrt()
 
