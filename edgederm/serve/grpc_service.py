@@ -72,7 +72,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            self.service.check_model(request.name, request.version)
+            try:  # an unknown model is "not ready", as HTTP's 404 reads to a client
+                self.service.check_model(request.name, request.version)
+            except ProtocolError:
+                return service_pb2.ModelReadyResponse(ready=False)
             return service_pb2.ModelReadyResponse(ready=self.service.ready)
         return self._call("model_ready", request, context, run)
 

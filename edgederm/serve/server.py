@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgederm.runtime.errors import InputError
 
@@ -173,8 +173,12 @@ class Server:
             out["uds"] = self._requested[2]
         return out
 
-    def run_until_signal(self) -> bool:
-        """Serve until SIGTERM or SIGINT, then shut down gracefully (main thread only)."""
+    def run_until_signal(self, on_ready: Callable[[], None] | None = None) -> bool:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully (main thread only).
+
+        ``on_ready`` runs once the handlers are in place: a supervisor that reads it as
+        "started" may send SIGTERM at once.
+        """
         stop = threading.Event()
 
         def on_signal(signum: int, frame: object) -> None:
@@ -184,6 +188,8 @@ class Server:
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if on_ready is not None:
+                on_ready()
             while not stop.wait(0.5):
                 pass
         finally:
@@ -229,7 +235,7 @@ def run_cli(args: Any) -> int:
     server = Server(model, name=args.name, host=args.host, http_port=None if args.http_port < 0 else args.http_port,
                     grpc_port=None if args.grpc_port < 0 else args.grpc_port, uds=args.uds,
                     allow_remote=args.allow_remote, token=token, limits=limits, grace_s=args.grace).start()
-    print(json.dumps({"event": "serving", **server.addresses()}), flush=True)
-    finished = server.run_until_signal()
+    finished = server.run_until_signal(
+        lambda: print(json.dumps({"event": "serving", **server.addresses()}), flush=True))
     print(json.dumps({"event": "stopped", "finished_in_flight": finished}), flush=True)
     return 0 if finished else 1
