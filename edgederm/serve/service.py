@@ -172,14 +172,8 @@ class InferenceService:
     def _predict(self, request: Request, enqueued: float) -> Any:
         started = time.perf_counter()
         self.metrics.queue_wait.observe(started - enqueued)
-        images: dict[str, Any] = {}
-        for name, value in request.images.items():
-            images[name] = decode_image(value, name) if isinstance(value, bytes) else value
-        decoded = time.perf_counter()
-        result = self.model.predict(dermoscopy=images.get("dermoscopy"), clinical=images.get("clinical"),
-                                    metadata=request.metadata)
-        result.timings = {"queue": (started - enqueued) * 1000, "decode": (decoded - started) * 1000,
-                          **result.timings}
+        result = predict_request(self.model, request)
+        result.timings = {"queue": (started - enqueued) * 1000, **result.timings}
         self.metrics.observe_result(result.needs_review, result.memory_peak_bytes)
         return result
 
@@ -189,6 +183,18 @@ class InferenceService:
     def close(self, timeout: float | None = None) -> bool:
         self.accepting = False
         return self.queue.close(timeout)
+
+
+def predict_request(model: Any, request: Request) -> Any:
+    """Decode a checked request's images and predict; ``timings`` gains the decode step."""
+    started = time.perf_counter()
+    images = {name: decode_image(value, name) if isinstance(value, bytes) else value
+              for name, value in request.images.items()}
+    decoded = time.perf_counter()
+    result = model.predict(dermoscopy=images.get("dermoscopy"), clinical=images.get("clinical"),
+                           metadata=request.metadata)
+    result.timings = {"decode": (decoded - started) * 1000, **result.timings}
+    return result
 
 
 def as_protocol_error(exc: BaseException) -> ProtocolError:

@@ -1,0 +1,164 @@
+"""``edgederm export-triton``: a bundle as a Triton model repository.
+
+Written per bundle (``NAME`` is the bundle's model name):
+
+- ``NAME/``: the whole pipeline (preprocessing, tiling, every stage, calibration,
+  review) as a Python-backend model that runs the EdgeDerm runtime on a copy of
+  the bundle (``NAME/1/bundle``); the same inputs and outputs as ``edgederm serve``.
+- ``NAME_<stage>/``: each stage graph as an ``onnxruntime`` model, for clients
+  that run tiling themselves (or a remote backend). A graph whose first axis is
+  dynamic gets ``max_batch_size`` and dynamic batching, so Triton can merge
+  tile batches of concurrent requests.
+- ``NAME_<stage>_tensorrt_<precision>/``: each TensorRT engine the bundle holds,
+  as a ``tensorrt_plan`` model (it runs only on the GPU and TensorRT it was built
+  for, which the engine's ``target`` in manifest.json names).
+
+Every config.pbtxt is a ``ModelConfig`` message written by protobuf's text format
+from the protocol's published definitions, so Triton parses exactly what was
+meant. Each model folder is written beside the repository and renamed into place:
+an interrupted export leaves no half-written model that Triton would try to load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from edgederm.runtime.bundle import Manifest, read_manifest
+from edgederm.runtime.errors import BundleError, InputError
+
+from . import protocol
+
+# ONNX / manifest dtypes -> Triton config types.
+_CONFIG_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
+                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+DEFAULT_MAX_BATCH = 16
+MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
+
+
+def config_text(config: dict[str, Any]) -> str:
+    """config.pbtxt from a config dict, through model_config.proto (unknown fields are an error)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+
+def stage_config(name: str, stage: dict[str, Any], instances: int, kind: str, platform: str,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
+    tensors = list(stage["inputs"]) + list(stage["outputs"])
+    batched = all(t["shape"] and isinstance(t["shape"][0], str) for t in tensors)
+
+    def entry(tensor: dict[str, Any]) -> dict[str, Any]:
+        if tensor["dtype"] not in _CONFIG_TYPES:
+            raise BundleError(f"stage {stage['name']!r} tensor {tensor['name']!r} has dtype {tensor['dtype']!r}; "
+                              f"Triton export knows {sorted(_CONFIG_TYPES)}")
+        dims = tensor["shape"][1:] if batched else tensor["shape"]
+        return {"name": tensor["name"], "data_type": _CONFIG_TYPES[tensor["dtype"]],
+                "dims": [d if isinstance(d, int) else -1 for d in dims]}
+
+    config: dict[str, Any] = {
+        "name": name, "max_batch_size": max_batch if batched else 0,
+        "input": [entry(t) for t in stage["inputs"]], "output": [entry(t) for t in stage["outputs"]],
+        "instance_group": [{"count": instances, "kind": kind}],
+    }
+    if platform == "tensorrt_plan":
+        config["platform"] = platform
+    else:
+        config["backend"] = platform
+    if batched:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": 500}
+    return config
+
+
+def _engine_max_batch(entry: dict[str, Any]) -> int:
+    profiles = entry.get("profiles") or {}
+    batches = [int(p["max"][0]) for p in profiles.values() if isinstance(p, dict) and p.get("max")]
+    return min(batches) if batches else DEFAULT_MAX_BATCH
+
+
+def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], name: str | None = None,
+                  instances: int = 1, kind: str = "KIND_CPU", precision: str = "fp32", overwrite: bool = False,
+                  say: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
+    """Write the repository; returns one row per model written (name, platform, folder)."""
+    if instances < 1:
+        raise InputError(f"instances={instances}; expected at least 1")
+    manifest = read_manifest(Path(bundle), verify=True)
+    if precision not in manifest.precisions():
+        raise InputError(f"bundle {manifest.root} has no {precision!r} graphs; it has {manifest.precisions()}")
+    model_info = manifest.model
+    pipeline = protocol.safe_model_name(name or str(model_info.get("name") or "model"))
+    repo = Path(out)
+    repo.mkdir(parents=True, exist_ok=True)
+    written: list[dict[str, Any]] = []
+
+    def write_model(model_name: str, config: dict[str, Any], files: Callable[[Path], None], platform: str) -> None:
+        final = repo / model_name
+        if final.exists() and not overwrite:
+            raise InputError(f"{final} exists; pass --overwrite to replace it, or choose another --out")
+        staging = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=repo))
+        try:
+            (staging / "1").mkdir()
+            files(staging / "1")
+            (staging / "config.pbtxt").write_text(config_text(config), encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        written.append({"model": model_name, "platform": platform, "path": str(final)})
+        say(f"wrote {final} ({platform})")
+
+    for stage in manifest.stages:
+        graph = manifest.graph_path(stage, precision)
+        write_model(f"{pipeline}_{stage['name']}", stage_config(f"{pipeline}_{stage['name']}", stage, instances, kind,
+                                                                "onnxruntime"),
+                    lambda folder, graph=graph: shutil.copyfile(graph, folder / "model.onnx"), "onnxruntime")
+    for entry in manifest.data.get("engines") or []:
+        stage = next((s for s in manifest.stages if s["name"] == entry.get("stage")), None)
+        if stage is None:
+            continue
+        model_name = f"{pipeline}_{stage['name']}_tensorrt_{entry['precision']}"
+        plan = manifest.root / entry["file"]
+        config = stage_config(model_name, stage, instances, "KIND_GPU", "tensorrt_plan", _engine_max_batch(entry))
+        write_model(model_name, config, lambda folder, plan=plan: shutil.copyfile(plan, folder / "model.plan"),
+                    "tensorrt_plan")
+
+    def pipeline_files(folder: Path) -> None:
+        shutil.copyfile(MODEL_TEMPLATE, folder / "model.py")
+        _copy_bundle(manifest, folder / "bundle")
+
+    limits = protocol.Limits()
+    config = protocol.model_config(pipeline, model_info["task"], model_info.get("modalities", ["dermoscopy"]),
+                                   model_info["class_names"], limits, backend="python")
+    config["parameters"]["precision"] = {"string_value": precision}
+    config["instance_group"] = [{"count": instances, "kind": "KIND_CPU"}]
+    write_model(pipeline, config, pipeline_files, "python")
+    return written
+
+
+def _copy_bundle(manifest: Manifest, dest: Path) -> None:
+    """manifest.json and every file it names; nothing else in the folder travels."""
+    dest.mkdir()
+    names = ["manifest.json"] + sorted({str(f) for f in (manifest.data.get("files") or {})})
+    for stage in manifest.stages:
+        names += [g["file"] for g in stage.get("graphs", {}).values()]
+    names += [e["file"] for e in manifest.data.get("engines") or []]
+    for relative in dict.fromkeys(names):
+        source = manifest.root / relative
+        if source.is_file():
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, dest / relative)
+
+
+def run_cli(args: Any) -> int:
+    rows = export_triton(args.bundle, args.out, name=args.name, instances=args.instances, kind=args.kind,
+                         precision=args.precision, overwrite=args.overwrite,
+                         say=(lambda m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
