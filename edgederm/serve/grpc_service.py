@@ -20,8 +20,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from . import protocol
 from .metrics import log_access
-from .protocol import ProtocolError, Tensor
-from .service import InferenceService, as_protocol_error, timeout_error
+from .protocol import ProtocolError, Tensor, as_protocol_error
+from .service import InferenceService, timeout_error
 
 # InferTensorContents field for each datatype sent without raw_input_contents.
 _CONTENTS_FIELD = {

@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from . import protocol
 from .metrics import log_access
-from .protocol import ProtocolError, Tensor
-from .service import InferenceService, as_protocol_error, timeout_error
+from .protocol import ProtocolError, Tensor, as_protocol_error
+from .service import InferenceService, timeout_error
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 Handler = Callable[[HttpRequest], Awaitable[Response]]

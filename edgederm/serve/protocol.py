@@ -30,18 +30,23 @@ checked against the limits before anything is decoded.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from edgederm.runtime.errors import EdgeDermError, ImageDecodeError
+from edgederm.runtime.errors import EdgeDermError, ImageDecodeError, InputError, MemoryBudgetError
+from edgederm.runtime.imageio import decode_image
 
 from .imageheader import image_size
+
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "2"
 MODEL_VERSION = "1"
@@ -409,3 +414,33 @@ def safe_model_name(name: str) -> str:
     """A model name that is also a valid Triton repository folder and URL path segment."""
     cleaned = _NAME_UNSAFE.sub("_", name).strip("._")
     return cleaned or "model"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def predict_request(model: Any, request: Request) -> Any:
+    """Decode a checked request's images and predict; ``timings`` gains the decode step."""
+    started = time.perf_counter()
+    images = {name: decode_image(value, name) if isinstance(value, bytes) else value
+              for name, value in request.images.items()}
+    decoded = time.perf_counter()
+    result = model.predict(dermoscopy=images.get("dermoscopy"), clinical=images.get("clinical"),
+                           metadata=request.metadata)
+    result.timings = {"decode": (decoded - started) * 1000, **result.timings}
+    return result
+
+
+def as_protocol_error(exc: BaseException) -> ProtocolError:
+    """Any exception a request raised, as the error the client receives (never a traceback)."""
+    if isinstance(exc, ProtocolError):
+        return exc
+    if isinstance(exc, MemoryBudgetError):
+        return ProtocolError(str(exc), 413, "RESOURCE_EXHAUSTED")
+    if isinstance(exc, InputError):  # ImageDecodeError included
+        return ProtocolError(str(exc))
+    if isinstance(exc, EdgeDermError):
+        return ProtocolError(str(exc), 500, "INTERNAL")
+    log.error("request failed", exc_info=exc)
+    return ProtocolError(f"internal error ({type(exc).__name__}: {exc}); the server log has the details",
+                         500, "INTERNAL")

@@ -21,12 +21,11 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from edgederm.runtime.errors import EdgeDermError, InputError, MemoryBudgetError
-from edgederm.runtime.imageio import decode_image
+from edgederm.runtime.errors import InputError
 
 from . import protocol
 from .metrics import Metrics
-from .protocol import Limits, ProtocolError, Request, Tensor
+from .protocol import Limits, ProtocolError, Request, Tensor, as_protocol_error, predict_request
 
 log = logging.getLogger(__name__)
 
@@ -183,30 +182,3 @@ class InferenceService:
     def close(self, timeout: float | None = None) -> bool:
         self.accepting = False
         return self.queue.close(timeout)
-
-
-def predict_request(model: Any, request: Request) -> Any:
-    """Decode a checked request's images and predict; ``timings`` gains the decode step."""
-    started = time.perf_counter()
-    images = {name: decode_image(value, name) if isinstance(value, bytes) else value
-              for name, value in request.images.items()}
-    decoded = time.perf_counter()
-    result = model.predict(dermoscopy=images.get("dermoscopy"), clinical=images.get("clinical"),
-                           metadata=request.metadata)
-    result.timings = {"decode": (decoded - started) * 1000, **result.timings}
-    return result
-
-
-def as_protocol_error(exc: BaseException) -> ProtocolError:
-    """Any exception a request raised, as the error the client receives (never a traceback)."""
-    if isinstance(exc, ProtocolError):
-        return exc
-    if isinstance(exc, MemoryBudgetError):
-        return ProtocolError(str(exc), 413, "RESOURCE_EXHAUSTED")
-    if isinstance(exc, InputError):  # ImageDecodeError included
-        return ProtocolError(str(exc))
-    if isinstance(exc, EdgeDermError):
-        return ProtocolError(str(exc), 500, "INTERNAL")
-    log.error("request failed", exc_info=exc)
-    return ProtocolError(f"internal error ({type(exc).__name__}: {exc}); the server log has the details",
-                         500, "INTERNAL")

@@ -32,7 +32,6 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from edgederm.runtime import load  # noqa: E402
 from edgederm.serve import protocol  # noqa: E402
-from edgederm.serve.service import as_protocol_error, predict_request  # noqa: E402
 
 
 class TritonPythonModel:
@@ -59,9 +58,9 @@ class TritonPythonModel:
             parameters = json.loads(request.parameters() or "{}")
             parsed = protocol.parse_request(tensors, parameters, request.requested_output_names() or None,
                                             self.model.modalities, self.model.task, self.limits)
-            result = predict_request(self.model, parsed)
+            result = protocol.predict_request(self.model, parsed)
             outputs = protocol.result_tensors(result, self.model.task, parsed.outputs, parsed.mask_format)
             return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(t.name, t.data) for t in outputs])
         except Exception as exc:  # an error response for this request; the model stays loaded
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                as_protocol_error(exc).message))
+                protocol.as_protocol_error(exc).message))

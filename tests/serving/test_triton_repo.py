@@ -129,6 +129,9 @@ def _triton_environment(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     if pip.returncode != 0:
         pytest.skip(f"could not install numpy 1.x for the Python-backend stub: {pip.stderr.strip()[-300:]}")
     repo_root = Path(__file__).resolve().parents[2]  # this tree's edgederm, not another install's
+    # The stub's interpreter finds its standard library from the first `python` on PATH;
+    # a virtual environment's python there would point it at another build's stdlib.
+    environment["PATH"] = "/usr/local/bin:/usr/bin:/bin"
     environment["PYTHONPATH"] = os.pathsep.join([str(numpy1), str(repo_root), sysconfig.get_paths()["purelib"]])
     return binary, backends, environment
 
