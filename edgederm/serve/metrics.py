@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 access_log = logging.getLogger("edgederm.serve.access")
@@ -26,6 +26,7 @@ class Metrics:
 
     def __init__(self, queue_depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, CPU seconds, open files
         self.requests = Counter("edgederm_requests", "Requests answered, by protocol, endpoint and status",
                                 ["protocol", "endpoint", "status"], registry=self.registry)
         self.latency = Histogram("edgederm_infer_latency_seconds", "Inference request latency, receipt to answer",

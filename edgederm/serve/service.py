@@ -40,14 +40,21 @@ def timeout_error(seconds: float) -> ProtocolError:
 
 
 class RequestQueue:
-    """A bounded FIFO served by worker threads; ``submit`` never blocks."""
+    """A bounded FIFO served by worker threads; ``submit`` never blocks.
+
+    Admission counts requests waiting or running against ``workers + capacity`` under
+    one lock, and a request leaves the count before its answer is handed back: a
+    closed-loop client that sends its next request the moment it gets an answer is
+    never refused for a slot its own previous request still seemed to hold.
+    """
 
     def __init__(self, workers: int, capacity: int) -> None:
         if workers < 1 or capacity < 0:
             raise InputError(f"workers={workers}, queue_size={capacity}; expected workers >= 1 and queue_size >= 0")
-        # queue.Queue(0) would be unbounded; a queue of 0 means "no waiting": checked in submit.
-        self._queue: queue.Queue[tuple[Future[Any], Callable[[], Any]] | None] = queue.Queue(max(capacity, 1))
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
         self._capacity = capacity
+        self._limit = workers + capacity
+        self._admitted = 0
         self._running = 0
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._work, name=f"edgederm-worker-{i}", daemon=True)
@@ -57,7 +64,8 @@ class RequestQueue:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        """Requests admitted and waiting for a worker."""
+        return self._admitted - self._running
 
     @property
     def running(self) -> int:
@@ -66,17 +74,13 @@ class RequestQueue:
     def submit(self, job: Callable[[], Any]) -> Future[Any]:
         future: Future[Any] = Future()
         with self._lock:
-            if self._capacity == 0 and self._running >= len(self._threads):
-                raise self._full()
-            try:
-                self._queue.put_nowait((future, job))
-            except queue.Full:
-                raise self._full() from None
+            if self._admitted >= self._limit:
+                raise ProtocolError(
+                    f"the server is busy: {len(self._threads)} request(s) running and {self._capacity} waiting, "
+                    "the most it holds; retry after a short wait", 429, "RESOURCE_EXHAUSTED")
+            self._admitted += 1
+        self._queue.put((future, job))
         return future
-
-    def _full(self) -> ProtocolError:
-        return ProtocolError(f"the server is busy: {len(self._threads)} request(s) running and {self._capacity} "
-                             "waiting, the most it holds; retry after a short wait", 429, "RESOURCE_EXHAUSTED")
 
     def _work(self) -> None:
         while True:
@@ -85,16 +89,22 @@ class RequestQueue:
                 return
             future, job = item
             if not future.set_running_or_notify_cancel():  # its client gave up while it waited
+                with self._lock:
+                    self._admitted -= 1
                 continue
             with self._lock:
                 self._running += 1
             try:
-                future.set_result(job())
+                outcome, failed = job(), False
             except BaseException as exc:  # handed to the waiting request, which answers with it
-                future.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._running -= 1
+                outcome, failed = exc, True
+            with self._lock:
+                self._running -= 1
+                self._admitted -= 1
+            if failed:
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish what is queued and running, then stop the workers; False if ``timeout`` ran out."""

@@ -6,6 +6,8 @@ compute the same thing.
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -84,3 +86,33 @@ def lesion_images(tmp_path_factory):
         cv2.imwrite(str(path), cv2.cvtColor(generate_case(seed=seed, size=size).image, cv2.COLOR_RGB2BGR))
         paths[name] = path
     return paths
+
+
+class GatedModel:
+    """A loaded model whose predictions wait while the gate is closed (closed at first)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.manifest, self.task = model.manifest, model.task
+        self.modalities, self.class_names = model.modalities, model.class_names
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+
+    def predict(self, **kwargs):
+        self.started.release()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return self.model.predict(**kwargs)
+
+
+@pytest.fixture()
+def gated_model():
+    """``gated_model(model)``: the model behind a gate the test opens (``.gate.set()``)."""
+    made: list[GatedModel] = []
+
+    def make(model) -> GatedModel:
+        made.append(GatedModel(model))
+        return made[-1]
+
+    yield make
+    for gated in made:  # never leave a worker waiting
+        gated.gate.set()

@@ -80,22 +80,6 @@ def assert_same_answer(result, expected, task: str) -> None:
         assert result.as_numpy("label")[0].decode() == expected.label
 
 
-class GatedModel:
-    """A loaded model whose predictions wait until the test opens the gate."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.manifest, self.task = model.manifest, model.task
-        self.modalities, self.class_names = model.modalities, model.class_names
-        self.gate = threading.Event()
-        self.started = threading.Semaphore(0)
-
-    def predict(self, **kwargs):
-        self.started.release()
-        assert self.gate.wait(30), "the test never opened the gate"
-        return self.model.predict(**kwargs)
-
-
 @pytest.fixture(scope="module")
 def models(serve_bundles):
     return {name: load(path, precision="fp32") for name, path in serve_bundles.items()}
@@ -336,8 +320,8 @@ def _background(fn, *args, **kwargs):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_full_queue_answers_429_at_once(models, lesion_images, protocol):
-    gated = GatedModel(models["classifier"])
+def test_a_full_queue_answers_429_at_once(models, lesion_images, protocol, gated_model):
+    gated = gated_model(models["classifier"])
     request = {"dermoscopy": encoded(lesion_images["lesion_jpg"])}
     with Server(gated, http_port=0, grpc_port=0, limits=Limits(workers=1, queue_size=1)) as server:
         running = _background(infer, server, protocol, request)
@@ -358,8 +342,8 @@ def test_a_full_queue_answers_429_at_once(models, lesion_images, protocol):
             assert "error" not in box and box["result"].as_numpy("label") is not None
 
 
-def test_a_request_past_its_timeout_gets_504(models, lesion_images):
-    gated = GatedModel(models["classifier"])
+def test_a_request_past_its_timeout_gets_504(models, lesion_images, gated_model):
+    gated = gated_model(models["classifier"])
     with Server(gated, http_port=0, grpc_port=0, limits=Limits(timeout_s=0.5)) as server:
         with pytest.raises(InferenceServerException, match="did not finish within 0.5 s") as info:
             infer(server, "http", {"dermoscopy": encoded(lesion_images["lesion_jpg"])})
@@ -367,8 +351,8 @@ def test_a_request_past_its_timeout_gets_504(models, lesion_images):
         gated.gate.set()
 
 
-def test_stop_finishes_in_flight_requests_and_refuses_new_ones(models, lesion_images):
-    gated = GatedModel(models["classifier"])
+def test_stop_finishes_in_flight_requests_and_refuses_new_ones(models, lesion_images, gated_model):
+    gated = gated_model(models["classifier"])
     request = {"dermoscopy": encoded(lesion_images["lesion_jpg"])}
     server = Server(gated, http_port=0, grpc_port=0, limits=Limits(workers=2)).start()
     in_flight = [_background(infer, server, p, request) for p in PROTOCOLS]
