@@ -171,7 +171,7 @@ def tensor_from_list(name: str, datatype: str, shape: list[int], data: object) -
             raise ProtocolError(f"input {name!r}: BYTES data in JSON must be strings; send images with the "
                                 "binary data extension (binary_data=True in tritonclient)")
         out = np.empty(len(flat), dtype=np.object_)
-        out[:] = [x.encode("utf-8") for x in flat]
+        out[:] = [x.encode("utf-8") for x in flat if isinstance(x, str)]
     else:
         try:
             out = np.asarray(data, dtype=np.float64 if datatype.startswith("FP") else np.int64)

@@ -78,7 +78,7 @@ def read_token(token_file: str | os.PathLike[str] | None) -> str | None:
 class Server:
     """A model served on HTTP and gRPC until :meth:`stop`; ``port=0`` picks a free port."""
 
-    def __init__(self, model: Any, name: str | None = None, host: str = "127.0.0.1", http_port: int = 8000,
+    def __init__(self, model: Any, name: str | None = None, host: str = "127.0.0.1", http_port: int | None = 8000,
                  grpc_port: int | None = 8001, uds: str | os.PathLike[str] | None = None, allow_remote: bool = False,
                  token: str | None = None, limits: Limits | None = None, grace_s: float = 30.0) -> None:
         check_bind(host, allow_remote, token)

@@ -27,6 +27,7 @@ def _use_pythonpath() -> None:
 _use_pythonpath()
 
 import json  # noqa: E402
+from typing import Any  # noqa: E402
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
@@ -47,7 +48,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         return [self._answer(request) for request in requests]
 
-    def _answer(self, request: object) -> object:
+    def _answer(self, request: Any) -> Any:
         try:
             tensors = []
             for spec in self.inputs:

@@ -113,20 +113,23 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
         written.append({"model": model_name, "platform": platform, "path": str(final)})
         say(f"wrote {final} ({platform})")
 
+    def copier(source: Path, name: str) -> Callable[[Path], None]:
+        def copy(folder: Path) -> None:
+            shutil.copyfile(source, folder / name)
+        return copy
+
+    stages = {s["name"]: s for s in manifest.stages}
     for stage in manifest.stages:
-        graph = manifest.graph_path(stage, precision)
-        write_model(f"{pipeline}_{stage['name']}", stage_config(f"{pipeline}_{stage['name']}", stage, instances, kind,
-                                                                "onnxruntime"),
-                    lambda folder, graph=graph: shutil.copyfile(graph, folder / "model.onnx"), "onnxruntime")
+        model_name = f"{pipeline}_{stage['name']}"
+        write_model(model_name, stage_config(model_name, stage, instances, kind, "onnxruntime"),
+                    copier(manifest.graph_path(stage, precision), "model.onnx"), "onnxruntime")
     for entry in manifest.data.get("engines") or []:
-        stage = next((s for s in manifest.stages if s["name"] == entry.get("stage")), None)
-        if stage is None:
+        if entry.get("stage") not in stages:
             continue
-        model_name = f"{pipeline}_{stage['name']}_tensorrt_{entry['precision']}"
-        plan = manifest.root / entry["file"]
-        config = stage_config(model_name, stage, instances, "KIND_GPU", "tensorrt_plan", _engine_max_batch(entry))
-        write_model(model_name, config, lambda folder, plan=plan: shutil.copyfile(plan, folder / "model.plan"),
-                    "tensorrt_plan")
+        model_name = f"{pipeline}_{entry['stage']}_tensorrt_{entry['precision']}"
+        config = stage_config(model_name, stages[entry["stage"]], instances, "KIND_GPU", "tensorrt_plan",
+                              _engine_max_batch(entry))
+        write_model(model_name, config, copier(manifest.root / entry["file"], "model.plan"), "tensorrt_plan")
 
     def pipeline_files(folder: Path) -> None:
         shutil.copyfile(MODEL_TEMPLATE, folder / "model.py")

@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -395,6 +396,33 @@ def test_sigterm_shuts_the_cli_server_down_gracefully(serve_bundles, tmp_path):
     assert json.loads(out.strip().splitlines()[-1]) == {"event": "stopped", "finished_in_flight": True}
     access = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert {"protocol": "http", "endpoint": "ready", "status": 200}.items() <= access[0].items()
+
+
+def test_serving_needs_no_torch_onnx_or_training_code(serve_bundles, lesion_images):
+    """The server is device-side: it runs where torch, onnx and the training packages cannot load."""
+    script = textwrap.dedent(f"""
+        import builtins, json, sys
+        blocked = ("torch", "onnx", "onnxscript", "edgederm.models", "edgederm.export", "edgederm.calibration",
+                   "edgederm.data", "edgederm.train")
+        real_import = builtins.__import__
+        def guarded(name, *args, **kwargs):
+            if any(name == b or name.startswith(b + ".") for b in blocked):
+                raise ImportError(name + " is blocked in this test")
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = guarded
+        import numpy as np
+        import tritonclient.http as tritonhttp
+        from edgederm.runtime import load
+        from edgederm.serve import grpc_service, http_app, loadtest, server, triton_repo
+        with server.Server(load({str(serve_bundles["classifier"])!r}), http_port=0, grpc_port=0) as running:
+            client = tritonhttp.InferenceServerClient(f"127.0.0.1:{{running.http_port}}")
+            item = tritonhttp.InferInput("dermoscopy", [1], "BYTES")
+            item.set_data_from_numpy(np.array([open({str(lesion_images["lesion_jpg"])!r}, "rb").read()], dtype=object))
+            print(json.dumps(client.infer(running.name, [item]).as_numpy("label")[0].decode()))
+    """)
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert json.loads(process.stdout.strip().splitlines()[-1]) in ("nevus", "melanoma", "vascular")
 
 
 # --------------------------------------------------------------------------- observability
