@@ -43,11 +43,6 @@ class SmallSegmenter(EdgeDermModel):
         return self.body(dermoscopy)
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDGEDERM_CACHE", str(tmp_path_factory.getbasetemp() / "edgederm-cache"))
-
-
 @pytest.fixture(scope="session")
 def serve_bundles(tmp_path_factory):
     """name -> bundle path: ``classifier`` (review class 'vascular') and ``segmenter``."""
