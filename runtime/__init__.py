@@ -7,11 +7,12 @@ from .errors import (
     InputError,
     MemoryBudgetError,
     MissingDependencyError,
+    RemoteBackendError,
 )
 from .model import DeployedModel, load
 from .result import Result
 
 __all__ = [
     "load", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
-    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError",
+    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError", "RemoteBackendError",
 ]

@@ -41,3 +41,7 @@ class MissingDependencyError(EdgeDermError, ImportError):
 
 class MemoryBudgetError(EdgeDermError):
     """The requested memory budget cannot be met by the model and tile plan."""
+
+
+class RemoteBackendError(EdgeDermError, ConnectionError):
+    """A remote server (``backend="triton://..."``) did not answer a stage, after its retries."""

@@ -76,6 +76,7 @@ from .result import Result
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+REMOTE_SCHEME = "triton://"  # backend="triton://HOST:PORT": runtime/backends/remote.py
 MIN_IMAGE_SIDE = 8
 MAX_ASPECT_RATIO = 10.0
 DEFAULT_OVERLAP = 0.25
@@ -293,6 +294,11 @@ class DeployedModel:
     def _open_stage(self, stage: dict[str, Any], providers: list[str], threads: int | None, cache: bool) -> Backend:
         if self.backend_name == "tensorrt":  # loaded (after the target check) by _choose_backend
             return self._engine_stages[stage["name"]]
+        if self.backend_name.startswith(REMOTE_SCHEME):
+            from .backends.remote import RemoteBackend, safe_model_name
+
+            model = safe_model_name(str(self.model_info.get("name") or "model"))
+            return RemoteBackend(self.backend_name, f"{model}_{stage['name']}", stage)
         from .backends.onnxruntime import OnnxRuntimeBackend
 
         def session(path: str | os.PathLike[str], **options: Any) -> Backend:
@@ -347,8 +353,14 @@ class DeployedModel:
         return backend
 
     def _choose_backend(self, backend: str) -> tuple[str, list[str]]:
+        if backend.startswith(REMOTE_SCHEME):  # stage graphs on a KServe v2 server; no local provider
+            from .backends.remote import parse_url
+
+            parse_url(backend)
+            return backend, []
         if backend not in BACKENDS:
-            raise InputError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+            raise InputError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)} "
+                             f"or {REMOTE_SCHEME}HOST:PORT")
         from .backends.onnxruntime import available_providers
 
         have = available_providers()

@@ -81,14 +81,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            self.service.check_model(request.name, request.version)
-            return json_format.ParseDict(self.service.model_metadata(), service_pb2.ModelMetadataResponse())
+            return json_format.ParseDict(self.service.model_metadata(request.name, request.version),
+                                         service_pb2.ModelMetadataResponse())
         return self._call("model_metadata", request, context, run)
 
     def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
         def run() -> Any:
-            self.service.check_model(request.name, request.version)
-            config = json_format.ParseDict(self.service.model_config(), model_config_pb2.ModelConfig())
+            config = json_format.ParseDict(self.service.model_config(request.name, request.version),
+                                           model_config_pb2.ModelConfig())
             return service_pb2.ModelConfigResponse(config=config)
         return self._call("model_config", request, context, run)
 
@@ -124,18 +124,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 data = protocol.tensor_from_list(name, datatype, shape, values)
             tensors.append(Tensor(name, datatype, shape, data))
         parameters = {k: _parameter(v) for k, v in request.parameters.items()}
-        parsed = service.parse(tensors, parameters, [o.name for o in request.outputs] or None)
-        future = service.submit(parsed)
+        job = service.start(request.model_name, request.model_version, tensors, parameters,
+                            [o.name for o in request.outputs] or None)
         remaining = context.time_remaining()
         wait = service.limits.timeout_s if remaining is None else min(service.limits.timeout_s, remaining)
         try:
-            result = future.result(timeout=wait)
+            outputs = job.future.result(timeout=wait)
         except futures.TimeoutError:
-            future.cancel()
+            job.future.cancel()
             raise timeout_error(wait) from None
-        response = service_pb2.ModelInferResponse(model_name=service.name, model_version=protocol.MODEL_VERSION,
+        response = service_pb2.ModelInferResponse(model_name=job.model, model_version=protocol.MODEL_VERSION,
                                                   id=request.id)
-        for tensor in service.outputs(result, parsed):
+        for tensor in outputs:
             response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
             response.raw_output_contents.append(protocol.raw_bytes(tensor))
         return response

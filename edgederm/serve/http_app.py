@@ -49,8 +49,8 @@ def create_app(service: InferenceService) -> Starlette:
             return response
         return wrapped
 
-    def model_route(request: HttpRequest) -> None:
-        service.check_model(request.path_params["model"], request.path_params.get("version", ""))
+    def model_route(request: HttpRequest) -> tuple[str, str]:
+        return request.path_params["model"], request.path_params.get("version", "")
 
     async def live(request: HttpRequest) -> Response:
         return Response(status_code=200)
@@ -62,33 +62,30 @@ def create_app(service: InferenceService) -> Starlette:
         return JSONResponse(service.server_metadata())
 
     async def model_metadata(request: HttpRequest) -> Response:
-        model_route(request)
-        return JSONResponse(service.model_metadata())
+        return JSONResponse(service.model_metadata(*model_route(request)))
 
     async def model_ready(request: HttpRequest) -> Response:
-        model_route(request)
+        service.check_model(*model_route(request))
         return Response(status_code=200 if service.ready else 503)
 
     async def model_config(request: HttpRequest) -> Response:
-        model_route(request)
-        return JSONResponse(service.model_config())
+        return JSONResponse(service.model_config(*model_route(request)))
 
     async def metrics(request: HttpRequest) -> Response:
         return Response(service.metrics.exposition(), media_type=service.metrics.content_type)
 
     async def infer(request: HttpRequest) -> Response:
-        model_route(request)
+        name, version = model_route(request)
+        service.check_model(name, version)
         body = await _read_body(request, service.limits.max_request_bytes)
         header, tensors, parameters, requested = _parse_infer_body(request, body, service.limits)
-        parsed = service.parse(tensors, parameters, [o["name"] for o in requested] or None)
-        future = service.submit(parsed)
+        job = service.start(name, version, tensors, parameters, [o["name"] for o in requested] or None)
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(future), service.limits.timeout_s)
+            outputs = await asyncio.wait_for(asyncio.wrap_future(job.future), service.limits.timeout_s)
         except asyncio.TimeoutError:
-            future.cancel()
+            job.future.cancel()
             raise timeout_error(service.limits.timeout_s) from None
-        outputs = service.outputs(result, parsed)
-        return _infer_response(header, outputs, parameters, requested, service)
+        return _infer_response(header, job.model, outputs, parameters, requested)
 
     routes = [
         Route("/v2/health/live", endpoint("live", live)),
@@ -191,8 +188,8 @@ def _object(value: object, what: str) -> dict[str, Any]:
     return value
 
 
-def _infer_response(header: dict[str, Any], outputs: list[Tensor], parameters: dict[str, Any],
-                    requested: list[dict[str, Any]], service: InferenceService) -> Response:
+def _infer_response(header: dict[str, Any], model: str, outputs: list[Tensor], parameters: dict[str, Any],
+                    requested: list[dict[str, Any]]) -> Response:
     binary_default = bool(parameters.get("binary_data_output", False))
     asked = {o["name"]: _object(o.get("parameters"), f"output {o['name']!r} parameters") for o in requested}
     described: list[dict[str, Any]] = []
@@ -206,7 +203,7 @@ def _infer_response(header: dict[str, Any], outputs: list[Tensor], parameters: d
         else:
             entry["data"] = protocol.json_data(tensor)
         described.append(entry)
-    body: dict[str, Any] = {"model_name": service.name, "model_version": protocol.MODEL_VERSION,
+    body: dict[str, Any] = {"model_name": model, "model_version": protocol.MODEL_VERSION,
                             "outputs": described}
     if "id" in header:
         body["id"] = header["id"]

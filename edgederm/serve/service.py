@@ -19,13 +19,14 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from edgederm.runtime.errors import InputError
 
 from . import protocol
 from .metrics import Metrics
-from .protocol import Limits, ProtocolError, Request, Tensor, as_protocol_error, predict_request
+from .protocol import Limits, ProtocolError, Request, Tensor, predict_request
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,14 @@ class RequestQueue:
         return not any(t.is_alive() for t in self._threads)
 
 
+@dataclass
+class Job:
+    """A queued request: the model it addressed and the future of its output tensors."""
+
+    model: str
+    future: Future[list[Tensor]]
+
+
 class InferenceService:
     """A loaded model behind the KServe v2 protocol."""
 
@@ -127,6 +136,8 @@ class InferenceService:
         self.task: str = model.task
         self.modalities: list[str] = list(model.modalities)
         self.class_names: list[str] = list(model.class_names)
+        # Each stage graph is also a model, "<name>_<stage>", for remote backends that tile locally.
+        self.stages: dict[str, dict[str, Any]] = {f"{self.name}_{s['name']}": s for s in model.manifest.stages}
         self._token = token.encode("utf-8") if token else None
         self.queue = RequestQueue(self.limits.workers, self.limits.queue_size)
         self.metrics = Metrics(lambda: self.queue.depth, lambda: self.queue.running)
@@ -144,12 +155,15 @@ class InferenceService:
             raise ProtocolError("missing or wrong bearer token: send the header 'Authorization: Bearer <token>'",
                                 401, "UNAUTHENTICATED")
 
-    def check_model(self, name: str, version: str = "") -> None:
-        if name != self.name:
-            raise protocol.not_found(f"unknown model {name!r}; this server has {self.name!r}")
+    def check_model(self, name: str, version: str = "") -> dict[str, Any] | None:
+        """None for the pipeline model, the manifest's stage for a stage model; 404 otherwise."""
+        if name != self.name and name not in self.stages:
+            raise protocol.not_found(f"unknown model {name!r}; this server has {self.name!r} and its stages "
+                                     f"{sorted(self.stages)}")
         if version not in ("", protocol.MODEL_VERSION):
             raise protocol.not_found(f"model {name!r} has no version {version!r}; it has version "
                                      f"{protocol.MODEL_VERSION!r}")
+        return self.stages.get(name)
 
     @property
     def ready(self) -> bool:
@@ -161,32 +175,44 @@ class InferenceService:
 
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
-    def model_metadata(self) -> dict[str, Any]:
+    def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        stage = self.check_model(name, version)
+        if stage is not None:
+            return protocol.stage_metadata(name, stage)
         return protocol.model_metadata(self.name, self.task, self.modalities)
 
-    def model_config(self) -> dict[str, Any]:
+    def model_config(self, name: str, version: str = "") -> dict[str, Any]:
+        stage = self.check_model(name, version)
+        if stage is not None:
+            return protocol.stage_config(name, stage, platform="edgederm")
         return protocol.model_config(self.name, self.task, self.modalities, self.class_names, self.limits)
 
     # -- inference ----------------------------------------------------------------------
-    def parse(self, tensors: list[Tensor], parameters: dict[str, Any], outputs: list[str] | None) -> Request:
-        return protocol.parse_request(tensors, parameters, outputs, self.modalities, self.task, self.limits)
-
-    def submit(self, request: Request) -> Future[Any]:
+    def start(self, name: str, version: str, tensors: list[Tensor], parameters: dict[str, Any],
+              outputs: list[str] | None) -> Job:
+        """Check a request and queue it; the Job's future holds the output tensors."""
+        stage = self.check_model(name, version)
         if not self.accepting:
             raise ProtocolError("the server is shutting down; send the request to another instance or retry "
                                 "after it restarts", 503, "UNAVAILABLE")
         enqueued = time.perf_counter()
-        return self.queue.submit(lambda: self._predict(request, enqueued))
+        if stage is None:
+            request = protocol.parse_request(tensors, parameters, outputs, self.modalities, self.task, self.limits)
+            return Job(name, self.queue.submit(lambda: self._predict(request, enqueued)))
+        feed = protocol.stage_feed(stage, tensors)
+        backend = self.model.stages[stage["name"]]
 
-    def _predict(self, request: Request, enqueued: float) -> Any:
+        def run_stage() -> list[Tensor]:
+            self.metrics.queue_wait.observe(time.perf_counter() - enqueued)
+            return protocol.stage_tensors(stage, backend.run(feed), outputs)
+        return Job(name, self.queue.submit(run_stage))
+
+    def _predict(self, request: Request, enqueued: float) -> list[Tensor]:
         started = time.perf_counter()
         self.metrics.queue_wait.observe(started - enqueued)
         result = predict_request(self.model, request)
         result.timings = {"queue": (started - enqueued) * 1000, **result.timings}
         self.metrics.observe_result(result.needs_review, result.memory_peak_bytes)
-        return result
-
-    def outputs(self, result: Any, request: Request) -> list[Tensor]:
         return protocol.result_tensors(result, self.task, request.outputs, request.mask_format)
 
     def close(self, timeout: float | None = None) -> bool:

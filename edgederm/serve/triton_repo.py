@@ -28,13 +28,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgederm.runtime.bundle import Manifest, read_manifest
-from edgederm.runtime.errors import BundleError, InputError
+from edgederm.runtime.errors import InputError
 
 from . import protocol
 
-# ONNX / manifest dtypes -> Triton config types.
-_CONFIG_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 DEFAULT_MAX_BATCH = 16
 MODEL_TEMPLATE = Path(__file__).with_name("triton_model.py")
 
@@ -45,33 +42,6 @@ def config_text(config: dict[str, Any]) -> str:
     from tritonclient.grpc import model_config_pb2
 
     return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
-
-
-def stage_config(name: str, stage: dict[str, Any], instances: int, kind: str, platform: str,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> dict[str, Any]:
-    tensors = list(stage["inputs"]) + list(stage["outputs"])
-    batched = all(t["shape"] and isinstance(t["shape"][0], str) for t in tensors)
-
-    def entry(tensor: dict[str, Any]) -> dict[str, Any]:
-        if tensor["dtype"] not in _CONFIG_TYPES:
-            raise BundleError(f"stage {stage['name']!r} tensor {tensor['name']!r} has dtype {tensor['dtype']!r}; "
-                              f"Triton export knows {sorted(_CONFIG_TYPES)}")
-        dims = tensor["shape"][1:] if batched else tensor["shape"]
-        return {"name": tensor["name"], "data_type": _CONFIG_TYPES[tensor["dtype"]],
-                "dims": [d if isinstance(d, int) else -1 for d in dims]}
-
-    config: dict[str, Any] = {
-        "name": name, "max_batch_size": max_batch if batched else 0,
-        "input": [entry(t) for t in stage["inputs"]], "output": [entry(t) for t in stage["outputs"]],
-        "instance_group": [{"count": instances, "kind": kind}],
-    }
-    if platform == "tensorrt_plan":
-        config["platform"] = platform
-    else:
-        config["backend"] = platform
-    if batched:
-        config["dynamic_batching"] = {"max_queue_delay_microseconds": 500}
-    return config
 
 
 def _engine_max_batch(entry: dict[str, Any]) -> int:
@@ -121,14 +91,14 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
     stages = {s["name"]: s for s in manifest.stages}
     for stage in manifest.stages:
         model_name = f"{pipeline}_{stage['name']}"
-        write_model(model_name, stage_config(model_name, stage, instances, kind, "onnxruntime"),
+        write_model(model_name, protocol.stage_config(model_name, stage, instances, kind, "onnxruntime"),
                     copier(manifest.graph_path(stage, precision), "model.onnx"), "onnxruntime")
     for entry in manifest.data.get("engines") or []:
         if entry.get("stage") not in stages:
             continue
         model_name = f"{pipeline}_{entry['stage']}_tensorrt_{entry['precision']}"
-        config = stage_config(model_name, stages[entry["stage"]], instances, "KIND_GPU", "tensorrt_plan",
-                              _engine_max_batch(entry))
+        config = protocol.stage_config(model_name, stages[entry["stage"]], instances, "KIND_GPU", "tensorrt_plan",
+                                       _engine_max_batch(entry))
         write_model(model_name, config, copier(manifest.root / entry["file"], "model.plan"), "tensorrt_plan")
 
     def pipeline_files(folder: Path) -> None:
