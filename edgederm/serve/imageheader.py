@@ -41,9 +41,9 @@ def image_size(data: bytes, name: str = "<bytes>") -> tuple[str, int, int]:
 
 
 def _png(data: bytes, name: str) -> tuple[str, int, int]:
+    width, height = struct.unpack_from(">II", data, 16)  # first, so a short header reads as cut short
     if data[12:16] != b"IHDR":
         raise ImageDecodeError(name, "PNG without an IHDR chunk first", "export the image again as PNG")
-    width, height = struct.unpack_from(">II", data, 16)
     return "PNG", width, height
 
 

@@ -26,6 +26,10 @@ FP64 so a client gets exactly the numbers ``predict`` returns. The mask comes as
 request names that output or sets the parameter ``mask_format`` to ``uint8``.
 Image dimensions are read from the encoded header (or the tensor's shape) and
 checked against the limits before anything is decoded.
+
+Each stage graph of the bundle is also a model, ``<NAME>_<stage>``, whose tensors
+are the graph's own (``stage_metadata``, ``stage_feed``): what a remote backend
+sends when it tiles on the device and runs the graphs on a server.
 """
 from __future__ import annotations
 
@@ -402,7 +406,7 @@ def _encoded_image(tensor: Tensor, limits: Limits) -> bytes:
                             "(shape [1])")
     data = bytes(tensor.data.reshape(-1)[0])
     try:
-        kind, width, height = image_size(data, tensor.name)
+        _, width, height = image_size(data, tensor.name)
     except ImageDecodeError as exc:
         raise ProtocolError(str(exc)) from None
     check_dimensions(tensor.name, width, height, limits)

@@ -14,7 +14,6 @@ is dropped from the queue, if it had, its result is discarded.
 from __future__ import annotations
 
 import hmac
-import logging
 import queue
 import threading
 import time
@@ -27,8 +26,6 @@ from edgederm.runtime.errors import InputError
 from . import protocol
 from .metrics import Metrics
 from .protocol import Limits, ProtocolError, Request, Tensor, predict_request
-
-log = logging.getLogger(__name__)
 
 SERVER_NAME = "edgederm"
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "parameters"]
