@@ -283,6 +283,25 @@ def test_non_loopback_bind_without_flag_and_token_is_refused(models, host, allow
         Server(models["classifier"], host=host, allow_remote=allow_remote, token=token)
 
 
+def test_unix_socket_is_owner_only_and_answers(models, tmp_path):
+    import socket
+    import stat
+
+    path = tmp_path / "edgederm.sock"
+    with Server(models["classifier"], http_port=None, grpc_port=None, uds=path) as server:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(path))
+            sock.sendall(f"GET /v2/models/{server.name}/ready HTTP/1.1\r\nHost: localhost\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+    assert not path.exists()  # removed on stop
+
+
 def test_cli_refuses_a_public_bind_before_loading(tmp_path):
     process = subprocess.run([sys.executable, "-m", "edgederm.cli", "serve", str(tmp_path / "absent"), "--host",
                               "0.0.0.0"], capture_output=True, text=True, timeout=60,
