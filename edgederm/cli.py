@@ -178,7 +178,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- parser --------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from edgederm.serve.server import run_cli
 
@@ -191,6 +190,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+# -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgederm",

@@ -67,6 +67,7 @@ import numpy as np
 
 from . import preprocess as pp
 from .backends.base import Backend
+from .backends.remote import SCHEME as REMOTE_SCHEME  # backend="triton://HOST:PORT"
 from .bundle import Manifest, read_manifest, sha256_file, write_json_atomic
 from .errors import BundleError, InputError
 from .imageio import as_rgb_uint8, read_image
@@ -76,7 +77,6 @@ from .result import Result
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
-REMOTE_SCHEME = "triton://"  # backend="triton://HOST:PORT": runtime/backends/remote.py
 MIN_IMAGE_SIDE = 8
 MAX_ASPECT_RATIO = 10.0
 DEFAULT_OVERLAP = 0.25
