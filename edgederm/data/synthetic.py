@@ -769,33 +769,29 @@ def read_labels_csv(path: str | os.PathLike) -> list[dict]:
     """Read a labels.csv written by generate_dataset (or the dataset directory).
 
     Returns one dict per row with keys CSV_FIELDS; label, age and skin_tone are ints.
+    The file is parsed by :func:`edgederm.data.labels.read_labels_table`, the one
+    labels.csv parser; this adds the checks of the synthetic columns.
     """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        path = path / "labels.csv"
-    if not path.is_file():
+    from edgederm.data.labels import read_labels_table
+    from edgederm.data.tables import parse_csv_value
+
+    table = read_labels_table(path)
+    missing = [name for name in CSV_FIELDS if name not in table.header]
+    if missing:
         raise InputError(
-            f"read_labels_csv: {str(path)!r} does not exist; expected a labels.csv written by "
-            f"generate_dataset (or its directory); fix: run generate_dataset first"
+            f"read_labels_csv: {str(table.path)!r} lacks columns {missing} (found "
+            f"{table.header}); expected header {','.join(CSV_FIELDS)}; fix: "
+            f"regenerate it with generate_dataset"
         )
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [name for name in CSV_FIELDS if name not in (reader.fieldnames or ())]
-        if missing:
+    rows = []
+    for row in table.rows:
+        values = {k: parse_csv_value(v) for k, v in row.values.items()}
+        record = {"id": row.id, "label": row.label, "class_name": table.class_names[row.label] if row.label is not None else None,
+                  **values}
+        if not all(isinstance(record[k], int) for k in ("label", "age", "skin_tone")):
             raise InputError(
-                f"read_labels_csv: {str(path)!r} lacks columns {missing} (found "
-                f"{reader.fieldnames}); expected header {','.join(CSV_FIELDS)}; fix: "
-                f"regenerate it with generate_dataset"
+                f"read_labels_csv: {str(table.path)!r} line {row.line}: label, age and skin_tone "
+                f"must be integers (received {record!r}); fix: regenerate the file"
             )
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                for key in ("label", "age", "skin_tone"):
-                    row[key] = int(row[key])
-            except (TypeError, ValueError):
-                raise InputError(
-                    f"read_labels_csv: {str(path)!r} line {line}: label, age and skin_tone "
-                    f"must be integers (received {row!r}); fix: regenerate the file"
-                ) from None
-            rows.append(row)
+        rows.append(record)
     return rows
