@@ -786,8 +786,8 @@ def read_labels_csv(path: str | os.PathLike) -> list[dict]:
     rows = []
     for row in table.rows:
         values = {k: parse_csv_value(v) for k, v in row.values.items()}
-        record = {"id": row.id, "label": row.label, "class_name": table.class_names[row.label] if row.label is not None else None,
-                  **values}
+        class_name = table.class_names[row.label] if row.label is not None else None
+        record = {"id": row.id, "label": row.label, "class_name": class_name, **values}
         if not all(isinstance(record[k], int) for k in ("label", "age", "skin_tone")):
             raise InputError(
                 f"read_labels_csv: {str(table.path)!r} line {row.line}: label, age and skin_tone "

@@ -19,6 +19,12 @@ from edgederm.runtime.errors import InputError
 
 _GROUP_COLUMNS = ("lesion_id", "patient_id", "group")
 
+DESCRIPTION = (
+    "a CSV file (or a folder holding one) with an image path column (image, image_path, path, file), "
+    "a label column (label, diagnosis, dx, class), an optional mask column (mask, mask_path) and "
+    "metadata columns (validated by schema=...); paths relative to the CSV"
+)
+
 
 def _columns(header: Sequence[str]) -> tuple[str | None, str | None]:
     """(image path column, label column) of a clinic CSV, by their usual names."""
@@ -37,12 +43,7 @@ def _detect_file(path: Path) -> str | None:
     return f"{path.name} with image and label columns" if all(_columns(csv_header(path))) else None
 
 
-@register_layout(
-    "csv",
-    "a CSV file (or a folder holding one) with an image path column (image, image_path, path, file), "
-    "a label column (label, diagnosis, dx, class), an optional mask column (mask, mask_path) and "
-    "metadata columns (validated by schema=...); paths relative to the CSV",
-    _detect, generic=True, detect_file=_detect_file)
+@register_layout("csv", DESCRIPTION, _detect, generic=True, detect_file=_detect_file)
 def read_clinic_csv(root: Path, schema: SchemaLike) -> Dataset:
     if root.is_file():
         table = root

@@ -92,3 +92,26 @@ def refuse_schema(root: Path, schema: MetadataSchema | None) -> None:
     """Layouts without metadata: a schema cannot be filled, say so."""
     if schema is not None:
         MetadataReader(root, [], schema)  # raises: needs field(s) ... but provides no metadata
+
+
+def diagnosis_labels(table: Path, rows: Sequence[Mapping[str, str]], column: str, id_column: str,
+                     classes: Sequence[str], normalise: Callable[[str], str]) -> list[int]:
+    """The class index of each row's diagnosis cell; an unknown diagnosis names its line."""
+    labels = []
+    for line, row in enumerate(rows, start=2):
+        value = normalise(row[column])
+        if value not in classes:
+            raise InputError(f"{table} line {line} (image {row[id_column]!r}): {column} {row[column]!r} is not one of "
+                             f"{list(classes)}")
+        labels.append(list(classes).index(value))
+    return labels
+
+
+def indexed_images(table: Path, rows: Sequence[Mapping[str, str]], id_column: str, index: files.ImageIndex,
+                   layout: str) -> list[Path]:
+    """Each row's image, found by id below the index's folder; any missing one is an error."""
+    found = [index.find(row[id_column]) for row in rows]
+    missing = [row[id_column] for row, image in zip(rows, found) if image is None]
+    if missing:
+        raise missing_images_error(missing, table, index.root, layout)
+    return [image for image in found if image is not None]

@@ -42,6 +42,11 @@ _LEAKS = {
         "blue_whitish_veil", "vascular_structures")},
 }
 
+DESCRIPTION = (
+    "meta/meta.csv (case_num, diagnosis, ..., elevation, location, sex, clinic, derm, ...) + images/<derm> "
+    "[+ meta/train_indexes.csv, valid_indexes.csv, test_indexes.csv]"
+)
+
 
 def _tables(root: Path) -> list[Path]:
     return [p for p in find_markers(root, lambda n: n.lower() == "meta.csv")
@@ -49,15 +54,10 @@ def _tables(root: Path) -> list[Path]:
 
 
 def _detect(root: Path) -> str | None:
-    found = _tables(root)
-    return f"{found[0].relative_to(root)} with case_num,diagnosis,derm" if found else None
+    return next((f"{p.relative_to(root)} with case_num,diagnosis,derm" for p in _tables(root)), None)
 
 
-@register_layout(
-    "derm7pt",
-    "meta/meta.csv (case_num, diagnosis, ..., elevation, location, sex, clinic, derm, ...) + images/<derm> "
-    "[+ meta/train_indexes.csv, valid_indexes.csv, test_indexes.csv]",
-    _detect, aliases=("derm7",))
+@register_layout("derm7pt", DESCRIPTION, _detect, aliases=("derm7",))
 def read_derm7pt(root: Path, schema: SchemaLike) -> Dataset:
     table = one_file(_tables(root), root, "Derm7pt meta/meta.csv", "derm7pt")
     base = table.parent.parent

@@ -23,6 +23,12 @@ from edgederm.runtime.errors import InputError
 
 ISIC_CLASS_COLUMNS = ("MEL", "NV", "BCC", "AKIEC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 
+DESCRIPTION = (
+    "ISIC 2018/2019 classification: a ground-truth CSV with an 'image' column and one-hot class columns "
+    "(MEL, NV, BCC, AKIEC or AK, BKL, DF, VASC[, SCC, UNK]) + <image>.jpg below the root "
+    "[+ ISIC 2019 metadata CSV: image, age_approx, anatom_site_general, lesion_id, sex]"
+)
+
 
 def _gt_header(header: Sequence[str]) -> bool:
     return "image" in header and sum(c in ISIC_CLASS_COLUMNS for c in header) >= 2
@@ -39,20 +45,15 @@ def _metadata_files(root: Path) -> list[Path]:
 
 
 def _detect(root: Path) -> str | None:
-    found = _gt_files(root)
-    return f"one-hot ground truth {found[0].relative_to(root)}" if found else None
+    return next((f"one-hot ground truth {p.relative_to(root)}" for p in _gt_files(root)), None)
 
 
 def _detect_file(path: Path) -> str | None:
     return f"one-hot ground truth {path.name}" if _gt_header(csv_header(path)) else None
 
 
-@register_layout(
-    "isic",
-    "ISIC 2018/2019 classification: a ground-truth CSV with an 'image' column and one-hot class columns "
-    "(MEL, NV, BCC, AKIEC or AK, BKL, DF, VASC[, SCC, UNK]) + <image>.jpg below the root "
-    "[+ ISIC 2019 metadata CSV: image, age_approx, anatom_site_general, lesion_id, sex]",
-    _detect, detect_file=_detect_file, aliases=("isic2018", "isic2019", "isic_2018", "isic_2019"))
+@register_layout("isic", DESCRIPTION, _detect, detect_file=_detect_file,
+                 aliases=("isic2018", "isic2019", "isic_2018", "isic_2019"))
 def read_isic(root: Path, schema: SchemaLike) -> Dataset:
     if root.is_file():
         table, search = root, root.parent

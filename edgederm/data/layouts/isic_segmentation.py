@@ -19,6 +19,11 @@ from edgederm.runtime.errors import InputError
 _MASK_NAME = re.compile(r"^(?P<id>.+)_segmentation$", re.IGNORECASE)
 _SUPERPIXELS_NAME = re.compile(r"_superpixels$", re.IGNORECASE)
 
+DESCRIPTION = (
+    "ISIC 2016-2018 segmentation: <id>.jpg + <id>_segmentation.png (2016: _Segmentation.png), e.g. "
+    "ISIC2018_Task1-2_Training_Input/ + ISIC2018_Task1_Training_GroundTruth/"
+)
+
 
 def _detect(root: Path) -> str | None:
     for here, _, files in walk(root, MARKER_DEPTH):
@@ -28,11 +33,7 @@ def _detect(root: Path) -> str | None:
     return None
 
 
-@register_layout(
-    "isic_segmentation",
-    "ISIC 2016-2018 segmentation: <id>.jpg + <id>_segmentation.png (2016: _Segmentation.png), e.g. "
-    "ISIC2018_Task1-2_Training_Input/ + ISIC2018_Task1_Training_GroundTruth/",
-    _detect, aliases=("segmentation", "isic2016", "isic2017"))
+@register_layout("isic_segmentation", DESCRIPTION, _detect, aliases=("segmentation", "isic2016", "isic2017"))
 def read_isic_segmentation(root: Path, schema: SchemaLike) -> Dataset:
     if not root.is_dir():
         raise InputError(f"the isic_segmentation layout needs a folder; got {root}")

@@ -15,34 +15,36 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgederm.data.files import ImageIndex
-from edgederm.data.layouts.common import MetadataReader, find_markers, missing_images_error, one_file, require_columns
+from edgederm.data.layouts.common import (
+    MetadataReader, diagnosis_labels, find_markers, indexed_images, one_file, require_columns,
+)
 from edgederm.data.layouts.registry import register_layout
 from edgederm.data.records import Dataset, Record, SchemaLike, resolve_schema
 from edgederm.data.tables import csv_header, read_table
-from edgederm.runtime.errors import InputError
 
 PAD_UFES_20_CLASSES = ("ACK", "BCC", "MEL", "NEV", "SCC", "SEK")
 _LEAKS = {"biopsed": "whether the lesion was biopsied (every BCC, SCC and MEL in PAD-UFES-20 was)"}
 
+DESCRIPTION = (
+    "metadata.csv (patient_id, lesion_id, smoke, ..., diagnostic, ..., img_id, biopsed) + images/ "
+    "(any sub-folders) holding <img_id>"
+)
+
 
 def _tables(root: Path) -> list[Path]:
-    return [p for p in find_markers(root, lambda n: n.lower() == "metadata.csv") if {"img_id", "diagnostic"} <= set(csv_header(p))]
+    return [p for p in find_markers(root, lambda n: n.lower() == "metadata.csv")
+            if {"img_id", "diagnostic"} <= set(csv_header(p))]
 
 
 def _detect(root: Path) -> str | None:
-    found = _tables(root)
-    return f"{found[0].relative_to(root)} with img_id,diagnostic" if found else None
+    return next((f"{p.relative_to(root)} with img_id,diagnostic" for p in _tables(root)), None)
 
 
 def _detect_file(path: Path) -> str | None:
     return f"{path.name} with img_id,diagnostic" if {"img_id", "diagnostic"} <= set(csv_header(path)) else None
 
 
-@register_layout(
-    "pad_ufes_20",
-    "metadata.csv (patient_id, lesion_id, smoke, ..., diagnostic, ..., img_id, biopsed) + images/ "
-    "(any sub-folders) holding <img_id>",
-    _detect, detect_file=_detect_file, aliases=("pad", "padufes20", "pad_ufes20"))
+@register_layout("pad_ufes_20", DESCRIPTION, _detect, detect_file=_detect_file, aliases=("pad", "padufes20", "pad_ufes20"))
 def read_pad_ufes_20(root: Path, schema: SchemaLike) -> Dataset:
     table = root if root.is_file() else one_file(_tables(root), root, "PAD-UFES-20 metadata.csv", "pad_ufes_20")
     search = table.parent
@@ -51,20 +53,9 @@ def read_pad_ufes_20(root: Path, schema: SchemaLike) -> Dataset:
     chosen = resolve_schema(schema, "pad_ufes_20")
     available = [c for c in header if c not in ("patient_id", "lesion_id", "img_id", "diagnostic")]
     pick = MetadataReader(table, available, chosen, _LEAKS)
-    index = ImageIndex(search)
-    records, missing = [], []
-    for line, row in enumerate(rows, start=2):
-        diagnostic = row["diagnostic"].upper()
-        if diagnostic not in PAD_UFES_20_CLASSES:
-            raise InputError(f"{table} line {line} (image {row['img_id']!r}): diagnostic {row['diagnostic']!r} is not "
-                             f"one of {list(PAD_UFES_20_CLASSES)}")
-        image = index.find(row["img_id"])
-        if image is None:
-            missing.append(row["img_id"])
-            continue
-        records.append(Record(Path(row["img_id"]).stem, image, PAD_UFES_20_CLASSES.index(diagnostic),
-                              PAD_UFES_20_CLASSES, pick(row, f"line {line}"),
-                              group=row.get("patient_id") or row.get("lesion_id") or None))
-    if missing:
-        raise missing_images_error(missing, table, search, "pad_ufes_20")
+    labels = diagnosis_labels(table, rows, "diagnostic", "img_id", PAD_UFES_20_CLASSES, str.upper)
+    images = indexed_images(table, rows, "img_id", ImageIndex(search), "pad_ufes_20")
+    records = [Record(Path(row["img_id"]).stem, image, label, PAD_UFES_20_CLASSES, pick(row, f"line {line}"),
+                      group=row.get("patient_id") or row.get("lesion_id") or None)
+               for line, (row, label, image) in enumerate(zip(rows, labels, images), start=2)]
     return Dataset("pad_ufes_20", root, records, PAD_UFES_20_CLASSES, chosen)

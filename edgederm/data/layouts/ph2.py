@@ -22,6 +22,11 @@ PH2_CLASSES = ("common_nevus", "atypical_nevus", "melanoma")
 _CASE = re.compile(r"^IMD\d+$", re.IGNORECASE)
 _MARKS = ("common nevus", "atypical nevus", "melanoma")
 
+DESCRIPTION = (
+    "'PH2 Dataset images'/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp + IMDxxx_lesion/IMDxxx_lesion.bmp, "
+    "labels in PH2_dataset.txt (or PH2_dataset.xlsx with openpyxl installed)"
+)
+
 
 def _images_dirs(root: Path) -> list[Path]:
     found = [here / d for here, dirs, _ in walk(root, MARKER_DEPTH - 1) for d in dirs if d.lower() == "ph2 dataset images"]
@@ -31,15 +36,10 @@ def _images_dirs(root: Path) -> list[Path]:
 
 
 def _detect(root: Path) -> str | None:
-    dirs = _images_dirs(root)
-    return f"PH2 case folders in {dirs[0]}" if dirs else None
+    return next((f"PH2 case folders in {d}" for d in _images_dirs(root)), None)
 
 
-@register_layout(
-    "ph2",
-    "'PH2 Dataset images'/IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp + IMDxxx_lesion/IMDxxx_lesion.bmp, "
-    "labels in PH2_dataset.txt (or PH2_dataset.xlsx with openpyxl installed)",
-    _detect)
+@register_layout("ph2", DESCRIPTION, _detect)
 def read_ph2(root: Path, schema: SchemaLike) -> Dataset:
     images_dir = one_file(_images_dirs(root), root, "'PH2 Dataset images' folder", "ph2")
     refuse_schema(root, resolve_schema(schema, None))  # PH2 has no patient metadata
