@@ -13,6 +13,7 @@ none). Every other column is metadata, kept as the raw text of the cell.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class LabelsTable:
         return [c for c in self.header if c not in KEY_COLUMNS]
 
 
-def read_labels_table(path: str | Path) -> LabelsTable:
+def read_labels_table(path: str | os.PathLike) -> LabelsTable:
     """Parse ``labels.csv`` (or the folder holding it); InputError naming file and line on bad cells."""
     path = Path(path)
     table = path / LABELS_CSV if path.is_dir() else path
