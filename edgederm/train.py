@@ -60,7 +60,7 @@ from edgederm.training.config import TrainConfig, lr_factor
 from edgederm.training.distributed import DistContext, shard_rows
 from edgederm.training.options import add_train_arguments, config_from_args
 from edgederm.training.state import (
-    check_resume, optimizer_state, read_training_state, save_training_state, write_metrics,
+    check_resume, read_training_state, restore_training_state, save_training_state, write_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -168,14 +168,7 @@ def train(data: LabelledImages, config: TrainConfig, out_dir: str | Path | None 
     start_epoch, step, elapsed = 0, 0, 0.0
     if resumed is not None:
         # Loaded before DDP wraps the model; every rank loads the same state.
-        meta, saved = resumed
-        model.load_state_dict({k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")})
-        optimizer.load_state_dict(optimizer_state(saved, meta["optimizer"]))
-        rng.bit_generator.state = meta["numpy_rng"]
-        torch.set_rng_state(saved["rng.torch"])
-        if "rng.cuda" in saved and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["rng.cuda"])
-        start_epoch, step, elapsed, history = meta["epoch"], meta["step"], meta["seconds"], meta["history"]
+        start_epoch, step, elapsed, history = restore_training_state(resumed, model, optimizer, rng, device)
         if start_epoch >= config.epochs:
             say(f"{resume} already finished {start_epoch} epochs; nothing to train (raise --epochs to continue)")
         else:

@@ -73,8 +73,7 @@ def _optimizer_to_flat(optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def optimizer_state(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer state dict saved by :func:`save_training_state` (``meta``: state.json's "optimizer")."""
+def _optimizer_from_flat(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -138,6 +137,21 @@ def read_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Any
         raise InputError(f"cannot resume from {json_path}: {tensor_path.name} is missing or does not match its sha256; "
                          "the training state is damaged, restart without --resume")
     return meta, load_file(str(tensor_path))
+
+
+def restore_training_state(resumed: tuple[dict[str, Any], dict[str, Any]], model: Any, optimizer: Any,
+                           rng: np.random.Generator, device: Any) -> tuple[int, int, float, list[dict[str, Any]]]:
+    """Load :func:`read_training_state`'s result into the run; (epoch, step, seconds, history) to continue from."""
+    import torch
+
+    meta, saved = resumed
+    model.load_state_dict({k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_optimizer_from_flat(saved, meta["optimizer"]))
+    rng.bit_generator.state = meta["numpy_rng"]
+    torch.set_rng_state(saved["rng.torch"])
+    if "rng.cuda" in saved and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng.cuda"])
+    return meta["epoch"], meta["step"], meta["seconds"], meta["history"]
 
 
 def check_resume(meta: dict[str, Any], config: TrainConfig, data: LabelledImages) -> None:
