@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from edgederm.data import files
+import edgederm.data.files as files
 from edgederm.data.layouts.registry import LAYOUTS
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.metadata import MetadataSchema
