@@ -1,8 +1,8 @@
 """``edgederm``: labels.csv + images/ (+ masks/, clinical/), as ``edgederm data`` writes it.
 
-The table is parsed by :mod:`edgederm.data.labels`. Without a schema the metadata
-cells are parsed as numbers where they are numbers (``edgederm.data.tables``), with
-one validated against a schema.
+The table is parsed by :mod:`edgederm.data.labels`. Without a schema a metadata cell
+that is a number becomes one (``edgederm.data.tables.parse_csv_value``); with a schema
+the cells are validated against it.
 """
 from __future__ import annotations
 
