@@ -289,9 +289,10 @@ def _decode(data: np.ndarray, name: str, max_pixels: int, budget_bytes: int | No
             )
     else:
         header = read_header(data[:64].tobytes()) if kind != "TIFF" else _tiff_header(data.tobytes())
-    if kind is not None and header is not None and header.pixels == 0:
-        raise ImageDecodeError(name, f"corrupt {kind} header: it declares {header.width}x{header.height} pixels",
-                               f"export the image again as {SUPPORTED_FORMATS}")
+    if kind is not None and (header is None or header.pixels == 0):
+        # Every decoder of these formats needs the size first; without it the pixel cap could not apply.
+        problem = "no image size in it" if header is None else f"it declares {header.width}x{header.height} pixels"
+        raise ImageDecodeError(name, f"corrupt {kind} header: {problem}", f"export the image again as {SUPPORTED_FORMATS}")
     reduction = _choose_reduction(header, data.size, name, max_pixels, budget_bytes, working_max_side)
 
     try:
@@ -316,6 +317,11 @@ def _decode(data: np.ndarray, name: str, max_pixels: int, budget_bytes: int | No
         rgb = _apply_orientation(_to_rgb_uint8(decoded, bgr_order=True, fail=fail), orientation)
     except cv2.error as exc:
         raise ImageDecodeError(name, f"OpenCV failed converting the pixels ({_first_line(exc)})") from exc
+    if header is None and rgb.shape[0] * rgb.shape[1] > max_pixels:
+        # A format outside SUPPORTED_FORMATS (OpenCV reads a few more): its size is known only now.
+        raise ImageTooLargeError(name, f"decoded to {rgb.shape[1]}x{rgb.shape[0]} pixels, over the cap of "
+                                 f"{max_pixels} pixels", f"re-export it as {SUPPORTED_FORMATS} at a smaller size",
+                                 rgb.shape[1], rgb.shape[0], rgb.nbytes)
     width, height = (header.width, header.height) if header else (rgb.shape[1], rgb.shape[0])
     return DecodedImage(rgb, width, height, reduction)
 
