@@ -43,7 +43,7 @@ def describe_kind(mode: int) -> str:
         return "a block device"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    return "not a regular file"
+    return "an unknown kind of file"
 
 
 def regular_file_size(path: str | os.PathLike[str], refuse: Refuse, max_bytes: int | None = None) -> int:
@@ -85,7 +85,7 @@ def _check_regular(info: os.stat_result, max_bytes: int | None, refuse: Refuse) 
         kind = describe_kind(info.st_mode)
         if stat.S_ISDIR(info.st_mode):
             refuse("path is a directory, not a file", "pass the path of one file")
-        refuse(f"not a regular file ({kind})", "pass the path of a regular file; the runtime does not read pipes, "
+        refuse(f"not a regular file: it is {kind}", "pass the path of a regular file; the runtime does not read pipes, "
                                                "devices or sockets")
     if max_bytes is not None and info.st_size > max_bytes:
         refuse(f"file is {info.st_size} bytes, over the limit of {max_bytes} bytes",

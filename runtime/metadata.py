@@ -134,9 +134,9 @@ class MetadataSchema:
         return np.stack([self.encode(r) for r in records]) if records else np.zeros((0, self.dim), np.float32)
 
 
-def _is_nan(value: object) -> bool:
+def _is_nan(value: Any) -> bool:
     try:
-        number = complex(value)  # type: ignore[arg-type]
+        number = complex(value)
     except (TypeError, ValueError, OverflowError):
         return False
     return math.isnan(number.real) or math.isnan(number.imag)

@@ -51,7 +51,7 @@ def release(staging: str | os.PathLike[str]) -> None:
 def remove_abandoned(parent: str | os.PathLike[str], prefix: str, now: float | None = None) -> list[Path]:
     """Remove the ``prefix*`` folders in ``parent`` whose writer is gone; returns what was removed."""
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [p for p in Path(parent).iterdir() if p.name.startswith(prefix)]
     except OSError:

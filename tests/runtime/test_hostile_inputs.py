@@ -191,10 +191,10 @@ def _file_cases(root: Path) -> dict[str, tuple[Path | str, type[Exception] | Non
     jpeg = _jpeg(image)
     bad_crc = png[:33] + _png_chunk(b"tEXt", b"Comment\x00hi", crc_ok=False) + png[33:]
     cases: dict[str, tuple[Path | str, type[Exception] | None, str | None]] = {
-        "fifo": (fifo, ImageDecodeError, "not a regular file (a FIFO"),
-        "dev_zero": ("/dev/zero", ImageDecodeError, "not a regular file (a character device)"),
-        "dev_null": ("/dev/null", ImageDecodeError, "not a regular file (a character device)"),
-        "socket": (sock_path, ImageDecodeError, "not a regular file (a socket)"),
+        "fifo": (fifo, ImageDecodeError, "not a regular file: it is a FIFO"),
+        "dev_zero": ("/dev/zero", ImageDecodeError, "not a regular file: it is a character device"),
+        "dev_null": ("/dev/null", ImageDecodeError, "not a regular file: it is a character device"),
+        "socket": (sock_path, ImageDecodeError, "not a regular file: it is a socket"),
         "symlink_loop": (loop_a, ImageDecodeError, "symlink loop"),
         "dangling_symlink": (root / "dangling.jpg", ImageDecodeError, "dangling symlink"),
         "symlink_to_secret": (root / "passwd.jpg", ImageDecodeError, "looks like text"),
@@ -605,14 +605,14 @@ def test_cli_fifo_manifest_is_one_line_not_a_hang(tiny_bundle: Path, tmp_path: P
     os.mkfifo(bundle / "manifest.json")
     status, _, err = _cli(["predict", str(bundle), str(file_cases["valid_png"][0])], capfd)
     assert status == 2 and len(err.splitlines()) == 1, err
-    assert "not a regular file (a FIFO" in err
+    assert "not a regular file: it is a FIFO" in err
 
 
 def test_fifo_manifest_is_a_typed_error(tmp_path: Path) -> None:
     from edgederm.runtime.bundle import read_manifest
 
     os.mkfifo(tmp_path / "manifest.json")
-    check(outcome(lambda: read_manifest(tmp_path), seconds=5), BundleError, "not a regular file (a FIFO")
+    check(outcome(lambda: read_manifest(tmp_path), seconds=5), BundleError, "not a regular file: it is a FIFO")
 
 
 def test_manifest_over_the_size_limit_is_refused_before_reading(tmp_path: Path) -> None:
@@ -866,7 +866,7 @@ def test_quantize_removes_the_staging_folder_an_interrupted_quantize_left(bundle
 
     monkeypatch.setattr(quantize_module, "_quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        quantize_module.quantize_bundle(bundle_copy, synthetic_data / "train", max_images=4, say=lambda m: None)
+        quantize_module.quantize_bundle(bundle_copy, synthetic_data / "train", max_images=32, say=lambda m: None)
     assert seen == {"stale_present": False, "owner": {**seen["owner"], "pid": os.getpid()}}
     assert not list(bundle_copy.glob(".quantize-*"))
 
