@@ -322,6 +322,31 @@ for line in open("/proc/self/status"):
     assert int(peak) < 300 * 2**20, "the image was decoded before it was refused"
 
 
+def test_predict_file_under_1gib_refuses_the_20000_px_png_before_decoding(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Through the model: the budget left after the loaded model decides, and the peak stays low."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(constant_png(20000, 20000))
+    script = f"""
+from edgederm.runtime import load
+from edgederm.runtime.errors import ImageTooLargeError
+from edgederm.runtime.model import peak_rss_bytes
+model = load({str(tiny_bundle)!r}, precision="fp32", memory_budget="1GiB", cache=False)
+model.max_image_pixels = 10**9  # so that the budget, not the pixel cap, is what refuses
+try:
+    model.predict_file({str(path)!r})
+    print("predicted")
+except ImageTooLargeError as exc:
+    print(str(exc))
+print(peak_rss_bytes())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 0, proc.stderr
+    message, peak = proc.stdout.strip().splitlines()
+    assert "20000x20000" in message and "decode budget" in message, message
+    assert int(peak) < 2**30
+
+
 def test_the_default_pixel_cap_refuses_a_20000_px_png(tmp_path: Path) -> None:
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(20000, 20000))
