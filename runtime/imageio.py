@@ -10,9 +10,23 @@ escapes.
 
 Decisions:
 
-- Files are read with ``np.fromfile`` and decoded with ``cv2.imdecode`` rather than
-  ``cv2.imread``, so paths with non-ASCII characters work on every platform and an
-  empty or unreadable file gets its own message.
+- Files are read by ``runtime/files.py`` (regular files only, size checked before
+  reading, never blocking) and decoded with ``cv2.imdecode`` rather than
+  ``cv2.imread``, so paths with non-ASCII characters work on every platform and a
+  pipe, a device, a link loop or an empty file each get their own message. No
+  message shows a file's bytes: the file may be a link to a secret.
+- The size is read from the header (PNG IHDR, JPEG start of frame, TIFF IFD0, BMP
+  info header, WebP VP8/VP8L/VP8X) before decoding and checked against a pixel cap
+  and, when given, the bytes the decode may take (:func:`decode_bytes_needed`). An
+  image over either is decoded at 1/2, 1/4 or 1/8 size with OpenCV's reduced modes
+  when the caller's model works at that scale anyway; otherwise it is refused with
+  :class:`ImageTooLargeError` and the numbers. JPEG is reduced inside libjpeg (a
+  1/8 decode takes 1/64 of the memory); the other formats are decoded whole and then
+  resized, so for them only the cap on the result is relieved, not the memory. A
+  file of a supported format whose header gives no size is refused: its decoder
+  would need one, and the cap could not apply.
+- A reduced decode reads colour at 8 bits (OpenCV's reduced modes), so 16-bit
+  images are then reduced by OpenCV's truncation rather than the rounding below.
 - Decoding uses ``cv2.IMREAD_UNCHANGED`` so the true channel count and bit depth
   are seen (and reported when unsupported). That flag makes OpenCV skip the EXIF
   orientation, so the orientation tag of JPEG files is parsed here (a small APP1 /
