@@ -70,13 +70,14 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int, refuse: Refu
         _refuse_stat_error(name, exc, refuse)
     with os.fdopen(fd, "rb") as f:
         # The path may have been replaced since the stat: judge what was opened.
-        _check_regular(os.fstat(f.fileno()), max_bytes, refuse)
+        opened = os.fstat(f.fileno())
+        _check_regular(opened, max_bytes, refuse)
         try:
-            data = f.read(max_bytes + 1)
+            data = f.read(opened.st_size + 1)  # one byte more: a file that grew is noticed
         except OSError as exc:
             refuse(f"file cannot be read ({exc.strerror or type(exc).__name__})", "check the file and the disk")
-    if len(data) > max_bytes:  # it grew while being read
-        refuse(f"file is larger than the limit of {max_bytes} bytes", "pass a smaller file or raise the limit")
+    if len(data) > opened.st_size:
+        refuse("file grew while it was read", "pass a file that is no longer being written")
     return data
 
 

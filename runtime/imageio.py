@@ -361,10 +361,12 @@ def _choose_reduction(header: ImageHeader | None, file_bytes: int, name: str, ma
     """1 when the image fits; else the smallest reduction that fits and keeps the working scale."""
     if header is None:
         return 1  # a format without a parsed header: OpenCV's own pixel limit applies
+    smallest = 1
     for reduction in _REDUCTIONS:
         if reduction > 1 and (working_max_side is None
                               or math.ceil(max(header.width, header.height) / reduction) < working_max_side):
             break
+        smallest = reduction
         decoded_pixels = header.pixels if reduction == 1 or header.kind != "JPEG" else \
             math.ceil(header.width / reduction) * math.ceil(header.height / reduction)
         need = decode_bytes_needed(header, reduction, file_bytes)
@@ -375,10 +377,16 @@ def _choose_reduction(header: ImageHeader | None, file_bytes: int, name: str, ma
     if budget_bytes is not None and need > budget_bytes:
         limits.append(f"the decode budget of {budget_bytes} bytes ({budget_bytes / 2**20:.0f} MiB)")
     over = " and ".join(x for x in limits if x) or "the limits"
-    scale = ("the model works at full resolution, so it cannot be decoded at reduced size"
-             if working_max_side is None else
-             f"decoding at 1/2..1/8 size would fall below the {working_max_side} px the model works at, or still "
-             "not fit")
+    if working_max_side is None:
+        scale = "the model works at full resolution, so it cannot be decoded at reduced size"
+    elif smallest == max(_REDUCTIONS):
+        scale = "decoded at 1/8 size it would not fit either" + (
+            "" if header.kind == "JPEG" else f" ({header.kind} is decoded whole before it is reduced)")
+    elif smallest == 1:
+        scale = f"decoded at 1/2 size it would be under the {working_max_side} px a side the model works at"
+    else:
+        scale = (f"decoded at 1/{smallest} size it would not fit either, and any smaller it would be under the "
+                 f"{working_max_side} px a side the model works at")
     raise ImageTooLargeError(
         name,
         f"the {header.kind} header declares {header.width}x{header.height} pixels ({header.pixels / 1e6:.0f} MP, "
