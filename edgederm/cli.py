@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from edgederm.runtime.errors import EdgeDermError
 
@@ -139,7 +139,7 @@ def _metadata_argument(value: str) -> Any:
     if value.lstrip().startswith("{"):
         text, source = value, "--metadata JSON text"
     else:
-        def refuse(problem: str, fix: str) -> Any:
+        def refuse(problem: str, fix: str) -> NoReturn:
             raise InputError(f"--metadata {value[:80]!r} is not JSON text (it does not start with '{{') and not a "
                              f"readable JSON file: {problem}; pass JSON text like '{example}' or a file of it")
 
@@ -362,22 +362,25 @@ def _native_stderr_held(replay: Callable[[], bool]) -> Iterator[None]:
     own ``sys.stderr`` keeps writing to the terminal."""
     try:
         sys.stderr.flush()
-        saved = os.dup(2)
+        saved: int | None = os.dup(2)
     except (OSError, ValueError):  # no descriptor 2 (an embedding host): nothing to hold
+        saved = None
+    if saved is None:
         yield
         return
     python_stderr = sys.stderr
+    terminal = None
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
-        redirected = _writes_to_fd2(python_stderr)
-        if redirected:
-            sys.stderr = open(saved, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+        if _writes_to_fd2(python_stderr):
+            terminal = open(saved, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+            sys.stderr = terminal
         try:
             yield
         finally:
-            if redirected:
-                sys.stderr.flush()
+            if terminal is not None:
                 sys.stderr = python_stderr
+                terminal.close()  # closefd=False: the descriptor stays open for the restore below
             os.dup2(saved, 2)
             os.close(saved)
             if replay():
@@ -401,35 +404,35 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    root = logging.getLogger()
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    defer = args.command in _DEFERRED_WARNINGS and not args.verbose
-    handler: logging.Handler = (logging.handlers.MemoryHandler(1 << 20, flushLevel=logging.CRITICAL + 1, target=stream)
-                                if defer else stream)
-    saved_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    logging.captureWarnings(True)  # numpy RuntimeWarnings and the like follow the logging policy above
     status = 1
-    try:
-        with _native_stderr_held(lambda: args.verbose or status in (0, 3)):
-            try:
-                status = int(args.func(args) or 0)
-            except EdgeDermError as exc:
-                status = 2
-                if isinstance(handler, logging.handlers.MemoryHandler):
-                    handler.buffer.clear()
-                print(f"edgederm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-            except KeyboardInterrupt:
-                status = 130
-                print(f"edgederm {args.command}: interrupted", file=sys.stderr)
+    with _native_stderr_held(lambda: args.verbose or status != 2):
+        # Made inside, so that it writes to the terminal and not to the held descriptor.
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        deferred = (logging.handlers.MemoryHandler(1 << 20, flushLevel=logging.CRITICAL + 1, target=stream)
+                    if args.command in _DEFERRED_WARNINGS and not args.verbose else None)
+        handler = deferred or stream
+        root = logging.getLogger()
+        saved_level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+        logging.captureWarnings(True)  # numpy RuntimeWarnings and the like follow the logging policy above
+        try:
+            status = int(args.func(args) or 0)
+        except EdgeDermError as exc:
+            status = 2
+            if deferred is not None:
+                deferred.buffer.clear()
+            print(f"edgederm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            status = 130
+            print(f"edgederm {args.command}: interrupted", file=sys.stderr)
+        finally:
             handler.flush()
-    finally:
-        logging.captureWarnings(False)
-        root.removeHandler(handler)
-        root.setLevel(saved_level)
-        handler.close()
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+            root.setLevel(saved_level)
+            handler.close()
     return status
 
 
