@@ -444,6 +444,17 @@ def test_a_cmyk_pil_image_is_not_read_as_rgba() -> None:
     assert result[0, 0, 0] > 150 and result[0, 0, 1] < 60  # red stays red (C, M, Y as R, G, B would be cyan-ish)
 
 
+def test_predict_on_a_cmyk_pil_image_answers_as_on_its_rgb(tiny_bundle: Path) -> None:
+    Image = pytest.importorskip("PIL.Image")
+    rgb = cv2.resize(np.random.default_rng(6).integers(0, 256, (8, 8, 3), dtype=np.uint8), (96, 96))
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    model = _model(tiny_bundle)
+    got = model.predict(dermoscopy=cmyk).probabilities
+    expected = model.predict(dermoscopy=np.asarray(cmyk.convert("RGB"))).probabilities
+    as_rgba = model.predict(dermoscopy=np.asarray(cmyk)[..., :3]).probabilities  # what the raw array would mean
+    assert got == expected and got != as_rgba
+
+
 def _array_cases() -> dict[str, tuple[Any, type[Exception] | None]]:
     rng = np.random.default_rng(2)
     good = rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)
