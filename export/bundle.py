@@ -3,7 +3,8 @@
 All-or-nothing: graphs and the manifest are written into a hidden staging folder
 next to ``out_dir`` and the folder is renamed into place only after every stage has
 exported and passed its parity check. An interrupted export leaves no bundle that
-loads (at most a ``.<name>.partial-*`` folder, removed by the next export).
+loads (at most a ``.<name>.partial-*`` folder, removed by the next export once its
+writer is gone: runtime/staging.py).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +21,7 @@ import edgederm
 from edgederm.models.base import EdgeDermModel
 from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
 from edgederm.runtime.preprocess import PreprocessConfig
+from edgederm.runtime.staging import make_staging, release
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
 
@@ -78,11 +79,9 @@ def export_bundle(
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     say = progress or (lambda msg: log.info(msg))
     model = model.eval()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = make_staging(out.parent, f".{out.name}.partial-")
     try:
         stages_json = []
         parity: dict[str, dict] = {}
@@ -150,6 +149,7 @@ def export_bundle(
             graph = entry["graphs"]["fp32"]
             graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
         write_json_atomic(staging / MANIFEST, manifest)
+        release(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

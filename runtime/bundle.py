@@ -14,14 +14,23 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import BundleError, BundleIntegrityError
+from .files import Refuse, read_regular_file
 
 MANIFEST = "manifest.json"
 FORMAT = "edgederm-bundle"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8", "int8_dynamic")
+#: A manifest is a few kB; anything near this is not one.
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _refuse_manifest(path: Path) -> Refuse:
+    def refuse(problem: str, fix: str) -> NoReturn:
+        raise BundleError(f"cannot read {path}: {problem}; {fix}")
+    return refuse
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -112,11 +121,11 @@ def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manife
     if not root.is_dir():
         raise BundleError(f"bundle {str(root)!r} is not a directory; expected a folder written by `edgederm export`")
     path = root / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BundleError(f"{str(root)!r} has no {MANIFEST}: not a bundle, or an export that did not finish")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_regular_file(path, MAX_MANIFEST_BYTES, _refuse_manifest(path)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path} is not an EdgeDerm manifest (format {data.get('format') if isinstance(data, dict) else None!r})")

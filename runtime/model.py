@@ -70,7 +70,7 @@ from .backends.base import Backend
 from .backends.remote import SCHEME as REMOTE_SCHEME  # backend="triton://HOST:PORT"
 from .bundle import Manifest, read_manifest, sha256_file, write_json_atomic
 from .errors import BundleError, InputError
-from .imageio import as_rgb_uint8, read_image
+from .imageio import DEFAULT_MAX_PIXELS, as_rgb_uint8, read_image_within
 from .memory import MemoryPlan, MemoryProfile, parse_size, plan_batch, segment_buffers, window_buffers
 from .result import Result
 
@@ -219,6 +219,9 @@ def optimized_cache_key(graph_sha256: str, ort_version: str, providers: list[str
 
 class DeployedModel:
     """A loaded bundle: its stages on one backend, ready to predict."""
+
+    #: Pixels an image file may declare in ``predict_file`` (larger: reduced decoding or a refusal).
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     def __init__(self, manifest: Manifest, backend: str = "auto", precision: str = "auto",
                  threads: int | None = None, memory_budget: int | str | None = None,
@@ -436,14 +439,42 @@ class DeployedModel:
         return plan_batch(self.memory_profile, self.memory_budget_bytes, image, acc,
                           default_batch=self._default_batch(), tiles=tiles, what=what)
 
+    def _working_max_side(self) -> int | None:
+        """The longest image side the model needs; None when it works at full resolution.
+
+        A segmenter with ``tiling.working_max_side`` rescales to it. A classifier resizes
+        the whole image to its input (or window grid) size and refuses aspect ratios over
+        MAX_ASPECT_RATIO, so a longer side of that ratio times the input side keeps the
+        shorter side at least the input side whatever the resize policy.
+        """
+        if self.task == "segment":
+            working = self.tiling.get("working_max_side")
+            return int(working) if working else None
+        if self.preprocess_config.resize == "none":
+            return None
+        sides = [max(self.preprocess_config.input_size)]
+        if {"window", "grid"} <= set(self.tiling):
+            sides += [int(self.tiling["window"]) * int(n) for n in self.tiling["grid"]]
+        for stage in self.manifest.stages:
+            for spec in stage["inputs"]:
+                if spec.get("source", "dermoscopy") in ("dermoscopy", "clinical"):
+                    sides += [d for d in spec["shape"][2:4] if isinstance(d, int)]
+        return int(math.ceil(max(sides) * MAX_ASPECT_RATIO))
+
     # -- public API -----------------------------------------------------------------
     def predict_file(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
                      clinical: str | os.PathLike[str] | None = None,
                      progress: Callable[[int, int], None] | None = None) -> Result:
         start = time.perf_counter()
-        image = read_image(path)
-        clinical_image = read_image(clinical) if clinical is not None else None
-        result = self.predict(dermoscopy=image, clinical=clinical_image, metadata=metadata, progress=progress)
+        budget = self.memory_budget_bytes
+        if budget is not None and self.memory_profile is not None and budget > self.memory_profile.fixed_bytes:
+            budget -= self.memory_profile.fixed_bytes  # what the loaded model leaves for decoding
+        decoded = [read_image_within(p, max_pixels=self.max_image_pixels, budget_bytes=budget,
+                                     working_max_side=self._working_max_side()) if p is not None else None
+                   for p in (path, clinical)]
+        result = self.predict(dermoscopy=decoded[0].image if decoded[0] else None,
+                              clinical=decoded[1].image if decoded[1] else None, metadata=metadata, progress=progress)
+        result.notes += [d.note for d in decoded if d is not None and d.note]
         result.timings = {"decode": (time.perf_counter() - start) * 1000 - result.timings.get("total", 0.0), **result.timings}
         return result
 
@@ -504,10 +535,12 @@ class DeployedModel:
             return
         if not isinstance(metadata, Mapping):
             raise InputError(f"metadata must be a dict like {{'age': 54, 'sex': 'female'}}; got {type(metadata).__name__}")
+        from .metadata import is_non_finite_number, shown
+
         for key, value in metadata.items():
-            if isinstance(value, float) and not math.isfinite(value):
+            if is_non_finite_number(value):
                 raise InputError(
-                    f"metadata field {key!r} is {value}; expected a finite number. "
+                    f"metadata field {shown(key)} is {value!r}; expected a finite number. "
                     "Fix: leave the field out (or pass None) when it is unknown; missing is its own category"
                 )
         if "metadata" not in self.modalities:
