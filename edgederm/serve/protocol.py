@@ -44,11 +44,9 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
-from edgederm.runtime.errors import EdgeDermError, ImageDecodeError, InputError, MemoryBudgetError
+from edgederm.runtime.errors import EdgeDermError, InputError, MemoryBudgetError
 from edgederm.runtime.backends.remote import safe_model_name
-from edgederm.runtime.imageio import decode_image
-
-from .imageheader import image_size
+from edgederm.runtime.imageio import SUPPORTED_FORMATS, decode_image, read_header
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +111,7 @@ class Request:
     metadata: dict[str, Any] | None
     outputs: list[str] | None
     mask_format: str
+    max_pixels: int
 
 
 # --------------------------------------------------------------------------- tensors
@@ -375,7 +374,7 @@ def parse_request(tensors: Sequence[Tensor], parameters: Mapping[str, Any], outp
         if name not in known:
             raise ProtocolError(f"unknown output {name!r}; this model returns {sorted(known)}")
     return Request(images=images, metadata=metadata, outputs=list(outputs) if outputs else None,
-                   mask_format=mask_format)
+                   mask_format=mask_format, max_pixels=limits.max_image_pixels)
 
 
 def _metadata(tensor: Tensor) -> dict[str, Any]:
@@ -405,11 +404,12 @@ def _encoded_image(tensor: Tensor, limits: Limits) -> bytes:
         raise ProtocolError(f"input {tensor.name!r} has {tensor.data.size} elements; expected one encoded image "
                             "(shape [1])")
     data = bytes(tensor.data.reshape(-1)[0])
-    try:
-        _, width, height = image_size(data, tensor.name)
-    except ImageDecodeError as exc:
-        raise ProtocolError(str(exc)) from None
-    check_dimensions(tensor.name, width, height, limits)
+    header = read_header(data)
+    if header is None:  # what the server cannot size, it does not decode
+        raise ProtocolError(f"input {tensor.name!r} ({len(data)} bytes) has no readable {SUPPORTED_FORMATS} header "
+                            "(another format, or the file is cut short); send the image file's bytes as the camera "
+                            "or the disk has them")
+    check_dimensions(tensor.name, header.width, header.height, limits)
     return data
 
 
@@ -491,7 +491,7 @@ def raw_bytes(tensor: Tensor) -> bytes:
 def predict_request(model: Any, request: Request) -> Any:
     """Decode a checked request's images and predict; ``timings`` gains the decode step."""
     started = time.perf_counter()
-    images = {name: decode_image(value, name) if isinstance(value, bytes) else value
+    images = {name: decode_image(value, name, max_pixels=request.max_pixels) if isinstance(value, bytes) else value
               for name, value in request.images.items()}
     decoded = time.perf_counter()
     result = model.predict(dermoscopy=images.get("dermoscopy"), clinical=images.get("clinical"),

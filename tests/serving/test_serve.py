@@ -188,7 +188,7 @@ def _hostile_cases(lesion_images):
         "truncated JPEG": ({"dermoscopy": np.array([jpeg[:len(jpeg) // 2]], dtype=object)}, None, 400,
                            "INVALID_ARGUMENT", "truncated JPEG"),
         "not an image": ({"dermoscopy": np.array([b"hello, this is text"], dtype=object)}, None, 400,
-                         "INVALID_ARGUMENT", "not a JPEG .* image"),
+                         "INVALID_ARGUMENT", "has no readable JPEG .* header"),
         "unknown model": ({"dermoscopy": np.array([jpeg], dtype=object)}, "no_such_model", 404, "NOT_FOUND",
                           "unknown model 'no_such_model'"),
         "missing input": ({}, None, 400, "INVALID_ARGUMENT", "missing input"),
