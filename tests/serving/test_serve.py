@@ -302,6 +302,20 @@ def test_unix_socket_is_owner_only_and_answers(models, tmp_path):
     assert not path.exists()  # removed on stop
 
 
+def test_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from edgederm.serve.server import TOKEN_ENV, read_token
+
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment-1234")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert read_token(tmp_path / "token") == TOKEN  # the file wins, trailing newline dropped
+    assert read_token(None) == "from-the-environment-1234"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(InputError, match="is empty"):
+        read_token(tmp_path / "empty")
+    with pytest.raises(InputError, match="cannot read the token file"):
+        read_token(tmp_path / "absent")
+
+
 def test_cli_refuses_a_public_bind_before_loading(tmp_path):
     process = subprocess.run([sys.executable, "-m", "edgederm.cli", "serve", str(tmp_path / "absent"), "--host",
                               "0.0.0.0"], capture_output=True, text=True, timeout=60,

@@ -131,13 +131,14 @@ def _triton_environment(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
     repo_root = Path(__file__).resolve().parents[2]  # this tree's edgederm, not another install's
     # The stub's interpreter finds its standard library from the first `python` on PATH;
     # a virtual environment's python there would point it at another build's stdlib.
-    environment["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    environment["PATH"] = "/usr/bin:/bin"
     environment["PYTHONPATH"] = os.pathsep.join([str(numpy1), str(repo_root), sysconfig.get_paths()["purelib"]])
     return binary, backends, environment
 
 
 @pytest.mark.slow
-def test_exported_repository_answers_like_predict_on_a_real_triton_server(serve_bundles, lesion_images, tmp_path):
+def test_exported_repository_answers_like_predict_on_a_real_triton_server(serve_bundles, lesion_images, tmp_path,
+                                                                          record_property):
     import tritonclient.grpc as tritongrpc
     import tritonclient.http as tritonhttp
 
@@ -166,6 +167,7 @@ def test_exported_repository_answers_like_predict_on_a_real_triton_server(serve_
             assert time.monotonic() < deadline, (tmp_path / "tritonserver.log").read_text()[-3000:]
             time.sleep(0.5)
         grpc = tritongrpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        worst = 0.0
         for kind, model_name in [("classifier", "SmallClassifier"), ("segmenter", "SmallSegmenter")]:
             local = load(serve_bundles[kind], precision="fp32")
             for module, client in ((tritonhttp, http), (tritongrpc, grpc)):
@@ -177,11 +179,13 @@ def test_exported_repository_answers_like_predict_on_a_real_triton_server(serve_
                     names = [n.decode() for n in result.as_numpy("probability_names")]
                     got = dict(zip(names, result.as_numpy("probabilities").tolist()))
                     assert got == pytest.approx(expected.probabilities, abs=1e-6)
+                    worst = max(worst, max(abs(got[k] - v) for k, v in expected.probabilities.items()))
                     assert bool(result.as_numpy("needs_review")[0]) == expected.needs_review
                     if kind == "classifier":
                         assert result.as_numpy("label")[0].decode() == expected.label
                     else:
                         np.testing.assert_array_equal(result.as_numpy("mask"), expected.mask)
+        record_property("figure:triton_vs_predict_max_abs", f"{worst:.1e}")
         # a hostile request is an error response; the model stays up
         item = tritonhttp.InferInput("dermoscopy", [1], "BYTES")
         item.set_data_from_numpy(np.array([b"\x89PNG\r\n\x1a\n" + bytes(4) + b"IHDR" + (60000).to_bytes(4, "big") * 2
