@@ -35,7 +35,7 @@ TOKEN = "correct-horse-battery-staple-42"
 PROTOCOLS = ("http", "grpc")
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- clients and checks
 
 
 def clients(server: Server, headers: dict[str, str] | None = None):
