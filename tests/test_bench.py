@@ -83,7 +83,7 @@ def test_cli_bench_refuses_bad_sizes(segmenter_bundle, capsys):
 def test_bench_precision_small_encoder(tmp_path, record_property):
     """`edgederm bench-precision --small`: every row is measured against the fp32 graph
     on the same windows; the GELU fusion and torch are exact, INT8 close."""
-    from edgederm.calibration.bench import run_benchmark, summarize
+    from edgederm.bench_precision import run_benchmark, summarize
 
     rows = run_benchmark(tmp_path, small=True, seconds=0.2, calib_images=2, eval_images=4,
                          variants=["ort_fp32_gelu_fused", "ort_int8_dynamic_sdk", "torch_fp32"], say=lambda m: None)
@@ -105,7 +105,7 @@ def test_bench_precision_small_encoder(tmp_path, record_property):
 def test_bench_precision_takes_a_remixformer_checkpoint(tmp_path):
     import torch
 
-    from edgederm.calibration.bench import run_benchmark
+    from edgederm.bench_precision import run_benchmark
     from edgederm.checkpoint import save_checkpoint
     from edgederm.models import create_model
     from edgederm.runtime.errors import InputError

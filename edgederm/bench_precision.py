@@ -1,6 +1,6 @@
 """CPU precision benchmark of the window encoder: which INT8 form is fastest at equal decisions.
 
-``edgederm bench-precision`` runs this. The issue's target: INT8 window encoder
+``edgederm bench-precision`` runs this. The target: INT8 window encoder
 (ViT-S/16 on 256x256 windows, batch 8, 2 threads) at >= 2x the fp32 throughput of
 ONNX Runtime with >= 99% decision agreement; reference points PyTorch fp32 and
 PyTorch bf16 autocast on the same machine, same run.
@@ -12,7 +12,7 @@ Decisions:
   Exported with the SDK's exporter on every run (a graph left in ``--out`` by an
   earlier run may hold other weights).
 - Data: synthetic dermoscopy cases (edgederm.data.synthetic) cut into windows by the
-  runtime's own window code (calibration/data.py ``image_windows``); calibration and
+  runtime's own window code (``edgederm.calibration.data.image_windows``); calibration and
   evaluation images are disjoint.
 - "Decision": an encoder has no decision of its own, so a linear probe (ridge
   regression, one-vs-rest over the synthetic classes) is fitted on the fp32
@@ -50,10 +50,9 @@ class Variant:
 
 
 def _windows(seeds: range, size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    from edgederm.calibration.data import image_windows
     from edgederm.data.synthetic import generate_case
     from edgederm.runtime.preprocess import PreprocessConfig
-
-    from .data import image_windows
 
     config = PreprocessConfig(input_size=(size, size))
     xs, ys = [], []
@@ -98,13 +97,11 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     """
     import torch
 
+    from edgederm.calibration.graphs import QuantSettings, prepare_graph, quantize_dynamic_graph, quantize_graph, save_model
     from edgederm.export.onnx import export_stage_onnx
     from edgederm.models.base import ExportStage
     from edgederm.models.remixformer import WindowEncoder
-
     from edgederm.runtime.backends.onnxruntime import cpu_session
-
-    from .graphs import QuantSettings, prepare_graph, quantize_dynamic_graph, quantize_graph, save_model
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -148,7 +145,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     def fp32_gelu(out: Path) -> Path:
         import onnx
 
-        from .fusions import fuse_erf_gelu
+        from edgederm.calibration.fusions import fuse_erf_gelu
 
         model = onnx.load(str(fp32_path))
         fuse_erf_gelu(model)
@@ -156,7 +153,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         return out
 
     def fp16(out: Path) -> Path:
-        from .fp16 import convert_to_fp16
+        from edgederm.calibration.fp16 import convert_to_fp16
 
         convert_to_fp16(fp32_path, out)
         return out
