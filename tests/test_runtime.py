@@ -182,3 +182,21 @@ def test_auto_precision_on_cpu_follows_measured_speed(tiny_bundle, sections, exp
     manifest = _with_calibration(tiny_bundle, sections)
     assert _choose_precision(manifest, "auto", "cpu") == expected
     assert _choose_precision(manifest, "fp32", "cpu") == "fp32"  # an explicit choice is kept
+
+
+def test_the_runtime_ships_its_metadata_schemas(tmp_path):
+    """One copy of the schemas, inside the runtime package (read with importlib.resources)."""
+    from edgederm.runtime import metadata
+
+    runtime_dir = Path(metadata.__file__).resolve().parent
+    assert Path(str(metadata.SCHEMAS)).resolve() == runtime_dir / "schemas"
+    bundled = metadata.bundled_schemas()
+    assert bundled == sorted(p.stem for p in (runtime_dir / "schemas").glob("*.json"))
+    assert {"synthetic", "ham10000", "pad_ufes_20", "derm7pt", "isic2019"} <= set(bundled)
+    assert not list(REPO.glob("edgederm/data/**/*.json"))
+    assert metadata.load_schema("ham10000").name == "ham10000"
+    with pytest.raises(InputError, match=r"'ham10001' is neither a file nor a bundled schema; bundled: \['derm7pt'"):
+        metadata.load_schema("ham10001")
+    own = tmp_path / "clinic.json"  # a file path still wins over the bundled names
+    own.write_text(json.dumps({"name": "clinic", "fields": [{"name": "age", "type": "numeric", "min": 0, "max": 100}]}))
+    assert metadata.load_schema(str(own)).dim == 2
