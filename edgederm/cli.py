@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgederm.runtime.errors import EdgeDermError
-from edgederm.train_options import add_train_arguments
+from edgederm.training.options import add_train_arguments
 
 
 def _print_json(data: Any) -> None:

@@ -61,7 +61,8 @@ def test_runtime_predicts_where_torch_cannot_be_imported(tiny_bundle, tmp_path, 
     cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if entry == "cli":
         args = ["-m", "edgederm.cli", "predict", str(tiny_bundle), str(path), "--json"]
-        allowed = {"edgederm", "edgederm.cli", "edgederm.train_options"}  # the parser's options: argparse only
+        # the parser's `train` options and the TrainConfig record they fill: no torch, no trainer
+        allowed = {"edgederm", "edgederm.cli", "edgederm.training", "edgederm.training.options", "edgederm.training.config"}
     else:
         args = ["-c", f"import json; from edgederm.runtime import load; "
                       f"print(json.dumps(load({str(tiny_bundle)!r}).predict_file({str(path)!r}).to_dict()))"]

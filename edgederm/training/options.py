@@ -1,14 +1,14 @@
-"""The options of ``edgederm train`` (and ``python -m edgederm.train``).
-
-They live apart from the trainer so that the ``edgederm`` command builds its parser
-without importing training code: ``edgederm predict`` on a device loads only the runtime.
-"""
+"""Options of ``edgederm train`` and ``python -m edgederm.train``; no torch at import."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-SCHEDULES = ("cosine", "poly")
+from edgederm.training.config import SCHEDULES, TrainConfig
+
+# Options that override the TrainConfig field of the same name when given.
+_CONFIG_OPTIONS = ("model", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "schedule", "loss",
+                   "label_smoothing", "bf16", "augment", "target_sensitivity", "seed", "threads", "device")
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,3 +44,24 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color-constancy", choices=["none", "gray_world", "gwsd"], default="none")
     p.add_argument("--hair-removal", action="store_true")
     p.add_argument("--json", action="store_true", help="print the training report as JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from CLI options; with --resume, the run's stored options (only --epochs/--threads may change)."""
+    if args.resume is not None:
+        from edgederm.training.state import training_state_json
+
+        # only the config here (no tensors): train() reads and verifies the whole state
+        base = TrainConfig.from_dict(training_state_json(args.resume)[1]["config"])
+    else:
+        base = TrainConfig()
+    values = base.to_dict()
+    for name in _CONFIG_OPTIONS:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    for name in ("malignant_classes", "review_classes"):
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = [c.strip() for c in given.split(",") if c.strip()]
+    return TrainConfig.from_dict(values)
