@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from edgederm.runtime.errors import EdgeDermError
+from edgederm.training.options import add_train_arguments
 
 
 def _print_json(data: Any) -> None:
@@ -83,7 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_precision(args: argparse.Namespace) -> int:
-    from edgederm.calibration.bench import run_benchmark, summarize
+    from edgederm.bench_precision import run_benchmark, summarize
 
     rows = run_benchmark(args.out, batch=args.batch, threads=args.threads, window=args.window, calib_images=args.calib_images,
                          eval_images=args.eval_images, seconds=args.seconds, variants=args.variant or None, small=args.small,
@@ -243,8 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a registered model on an image folder -> checkpoint",
                        description="Train on DATA (labels.csv + images/). Writes a checkpoint folder: model.safetensors + config.json (no pickle).")
-    from edgederm.train import add_train_arguments  # no torch at import; the options live with the trainer
-
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 

@@ -4,8 +4,10 @@ Encodings are data, not code: a schema (JSON) lists the fields. A categorical fi
 is one-hot over its categories plus one slot for "missing"; a numeric field is two
 values, the value scaled to [0, 1] by its range and a missing flag. A missing or
 None value is its own category, never a crash; an unknown category is an error that
-names the field and the allowed values. Schemas ship in ``edgederm/data/schemas``
-and travel inside the bundle's manifest, so the device encodes exactly as training did.
+names the field and the allowed values. The bundled schemas ship inside this package
+(``edgederm/runtime/schemas``, read with ``importlib.resources``, so they are found in a
+wheel or a zip alike) and travel inside the bundle's manifest, so the device encodes
+exactly as training did.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,8 +23,7 @@ import numpy as np
 
 from .errors import InputError
 
-# Not resolved: in the repo and in a wheel alike, edgederm/runtime/../data/schemas.
-SCHEMA_DIR = Path(__file__).parent.parent / "data" / "schemas"
+SCHEMAS = resources.files("edgederm.runtime") / "schemas"
 
 
 def is_non_finite_number(value: object) -> bool:
@@ -149,9 +151,14 @@ def load_schema(schema: str | Mapping[str, Any] | MetadataSchema) -> MetadataSch
     if isinstance(schema, Mapping):
         return MetadataSchema.from_dict(schema)
     path = Path(schema)
-    if not path.is_file():
-        path = SCHEMA_DIR / f"{schema}.json"
-    if not path.is_file():
-        available = sorted(p.stem for p in SCHEMA_DIR.glob("*.json"))
-        raise InputError(f"metadata schema {schema!r} is neither a file nor a bundled schema; bundled: {available}")
-    return MetadataSchema.from_dict(json.loads(path.read_text()))
+    if path.is_file():
+        return MetadataSchema.from_dict(json.loads(path.read_text()))
+    bundled = bundled_schemas()
+    if str(schema) not in bundled:
+        raise InputError(f"metadata schema {schema!r} is neither a file nor a bundled schema; bundled: {bundled}")
+    return MetadataSchema.from_dict(json.loads((SCHEMAS / f"{schema}.json").read_text()))
+
+
+def bundled_schemas() -> list[str]:
+    """Names of the schemas that ship with the runtime (``load_schema(name)`` reads them)."""
+    return sorted(p.name[:-len(".json")] for p in SCHEMAS.iterdir() if p.name.endswith(".json"))

@@ -51,10 +51,10 @@ def _ensure_registered() -> None:
     # Importing the architecture modules (one file per family) registers their variants.
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    from . import __path__ as package_path
-
-    for info in pkgutil.iter_modules(package_path):
+    # the package's folder from this file, not `from . import __path__`: a module importing its own package is a cycle
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if not info.ispkg and info.name not in _NOT_ARCHITECTURES and not info.name.startswith("_"):
             importlib.import_module(f"{__package__}.{info.name}")
 

@@ -54,7 +54,7 @@ Decisions where the paper/record is silent (every number is a constructor argume
   c = softmax_k(-s_k a), E_k = sum_j c_jk y_j; "projected" = LayerNorm per E_k,
   Linear(D -> texture_dim) shared by the templates, flatten, Linear(K_s*texture_dim -> D).
 - Metadata: the nine one-hot attributes come from a schema file
-  (``edgederm/data/schemas/remixformer_default.json``). The paper does not publish
+  (``edgederm/runtime/schemas/remixformer_default.json``). The paper does not publish
   the category counts, so that schema is a plausible DEFAULT the user should replace
   with their own (``metadata_schema=...``); ``remixformer_tiny`` uses "synthetic" so
   it trains on edgederm's synthetic data.

@@ -35,7 +35,7 @@ public; this is built from the paper's description (docs/models.md, section 4):
 - the projection heads live in ``feature_guidance``, outside ``network``, the
   module that ``export_stages`` exports: they are trained but never exported.
 
-Metadata comes encoded by a schema (``edgederm/data/schemas``): PAD-UFES-20 for the
+Metadata comes encoded by a schema (``edgederm/runtime/schemas``): PAD-UFES-20 for the
 paper variants (102-dim here vs the paper's 81: this SDK adds a missing slot per
 field, see the schema's description), ``synthetic`` for ``sgmcnet_tiny``.
 """
