@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 from edgederm.runtime.bundle import Manifest, read_manifest
 from edgederm.runtime.errors import InputError
+from edgederm.runtime.staging import commit, make_staging
 
 from . import protocol
 
@@ -69,14 +69,12 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
         final = repo / model_name
         if final.exists() and not overwrite:
             raise InputError(f"{final} exists; pass --overwrite to replace it, or choose another --out")
-        staging = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=repo))
+        staging = make_staging(repo, f".{model_name}.partial-")
         try:
             (staging / "1").mkdir()
             files(staging / "1")
             (staging / "config.pbtxt").write_text(config_text(config), encoding="utf-8")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            commit(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
