@@ -45,7 +45,6 @@ import cv2
 import numpy as np
 
 from edgederm.runtime.errors import EdgeDermError, InputError, MemoryBudgetError
-from edgederm.runtime.backends.remote import safe_model_name
 from edgederm.runtime.imageio import SUPPORTED_FORMATS, decode_image, read_header
 
 log = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from edgederm.runtime.backends.remote import safe_model_name
 from edgederm.runtime.errors import InputError
 
 from . import protocol
@@ -129,7 +130,7 @@ class InferenceService:
                  token: str | None = None) -> None:
         self.model = model
         self.limits = limits or Limits()
-        self.name = protocol.safe_model_name(name or str(model.manifest.model.get("name") or "model"))
+        self.name = safe_model_name(name or str(model.manifest.model.get("name") or "model"))
         self.task: str = model.task
         self.modalities: list[str] = list(model.modalities)
         self.class_names: list[str] = list(model.class_names)

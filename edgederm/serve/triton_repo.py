@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgederm.runtime.bundle import Manifest, read_manifest
+from edgederm.runtime.backends.remote import safe_model_name
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.staging import commit, make_staging
 
@@ -60,7 +61,7 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
     if precision not in manifest.precisions():
         raise InputError(f"bundle {manifest.root} has no {precision!r} graphs; it has {manifest.precisions()}")
     model_info = manifest.model
-    pipeline = protocol.safe_model_name(name or str(model_info.get("name") or "model"))
+    pipeline = safe_model_name(name or str(model_info.get("name") or "model"))
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
     written: list[dict[str, Any]] = []
