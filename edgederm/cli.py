@@ -232,7 +232,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from edgederm.runtime.audit import verify_log
     from edgederm.runtime.errors import AuditLogError
 
-    report = verify_log(args.log)
+    report = verify_log(args.log, partial=args.partial)
     if not report.ok:
         raise AuditLogError(f"audit log chain broken at {report.first_bad}")
     print(f"{args.log}: {report.records} records in {len(report.files)} file(s) chain correctly; head {report.head}")
@@ -476,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(LOG.1, LOG.2, ...); exit 2 naming the first edited, deleted, inserted or moved line.")
     p.add_argument("action", choices=["verify"])
     p.add_argument("log", type=Path)
+    p.add_argument("--partial", action="store_true", help="accept a chain that starts mid-way (rotation dropped old files)")
     p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("store", help="A/B bundle store: install, status, rollback, mark-good, gc",

@@ -208,8 +208,12 @@ def log_files(path: str | os.PathLike[str]) -> list[Path]:
     return rotated + ([base] if base.exists() else [])
 
 
-def verify_log(path: str | os.PathLike[str]) -> LogReport:
-    """Check the chain through ``LOG`` and its rotated files; the report names the first bad line."""
+def verify_log(path: str | os.PathLike[str], partial: bool = False) -> LogReport:
+    """Check the chain through ``LOG`` and its rotated files; the report names the first bad line.
+
+    The chain must start at its first record (seq 0) unless ``partial``: when rotation
+    has dropped the oldest files (more than ``keep``), the oldest file kept starts mid-chain.
+    """
     files = log_files(path)
     if not files:
         raise AuditLogError(f"audit log {path} does not exist")
@@ -221,7 +225,7 @@ def verify_log(path: str | os.PathLike[str]) -> LogReport:
             for number, raw in enumerate(f, start=1):
                 line = raw.rstrip(b"\n")
                 where = f"{file}:{number}"
-                problem = _check_line(line, prev_line, expected_seq)
+                problem = _check_line(line, prev_line, expected_seq, partial)
                 if problem:
                     report.first_bad = f"{where}: {problem}"
                     return report
@@ -233,7 +237,7 @@ def verify_log(path: str | os.PathLike[str]) -> LogReport:
     return report
 
 
-def _check_line(line: bytes, prev_line: bytes | None, expected_seq: int | None) -> str | None:
+def _check_line(line: bytes, prev_line: bytes | None, expected_seq: int | None, partial: bool) -> str | None:
     try:
         record = json.loads(line)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -243,9 +247,11 @@ def _check_line(line: bytes, prev_line: bytes | None, expected_seq: int | None) 
     if record.get("hash") != _record_hash(record):
         return "the record does not match its own hash: edited"
     if prev_line is None:
-        # The oldest file kept may start mid-chain when older rotations were dropped.
-        if record.get("seq") == 0 and record.get("prev") != GENESIS:
-            return "the first record does not start the chain"
+        if partial and record.get("seq") != 0:
+            return None
+        if record.get("seq") != 0 or record.get("prev") != GENESIS:
+            return (f"the log starts at seq {record.get('seq')}, not at the chain's first record: lines were deleted "
+                    "here (or rotation dropped older files: verify with --partial)")
         return None
     if record.get("prev") != _line_hash(prev_line):
         return "prev does not match the line before: a line was deleted, inserted or moved here"
