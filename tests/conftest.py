@@ -63,10 +63,21 @@ def bundle_copy(tiny_bundle, tmp_path):
 
 
 @pytest.fixture()
-def mini_bundle(tmp_path):
+def mini_bundle(tmp_path, write_mini_bundle):
     """A hand-made one-stage classifier bundle (Conv-ReLU-pool-Gemm, 32x32): builds in milliseconds."""
+    return write_mini_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def write_mini_bundle():
+    """``write(root) -> root``: the mini classifier bundle written to ``root`` (for fixtures of any scope)."""
+    pytest.importorskip("onnx")
+    return _write_mini_bundle
+
+
+def _write_mini_bundle(root):
     import numpy as np
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper
 
     from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, sha256_file, write_json_atomic
@@ -85,8 +96,7 @@ def mini_bundle(tmp_path):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    root = tmp_path / "bundle"
-    root.mkdir()
+    root.mkdir(parents=True)
     onnx.save(model, str(root / "classifier.fp32.onnx"))
     digest = sha256_file(root / "classifier.fp32.onnx")
     classes = ["nevus", "melanoma", "vascular"]
