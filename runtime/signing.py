@@ -12,8 +12,8 @@ Decisions taken where the format is silent:
 
 * Signing goes through ``model-signing`` (the release pipeline; ``pip install
   'edgederm[sign]'``). Verifying on the device uses ``cryptography`` alone: the
-  model-signing package with its Sigstore dependencies adds ~70 MB and ~1.1 s of
-  import to a device install, while the key-based check needs ~21 MB and ~70 ms.
+  model-signing package with its Sigstore dependencies adds ~69 MiB and ~1.1 s of
+  import to a device install, while the key-based check needs ~17 MiB and ~60-110 ms.
   The two verifiers are checked against each other in the tests.
 * Every file counts. Only ``model.sig`` itself is left out; a file the signer chose
   to ignore (model-signing ignores git files by default) is refused as unsigned.
