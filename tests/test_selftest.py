@@ -104,3 +104,50 @@ def test_cli_selftest_add_and_run(mini_bundle, capsys):
     capsys.readouterr()
     assert cli_main(["selftest", str(mini_bundle)]) == 2  # the changed goldens fail the bundle's hash check
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def _perturb_largest_weight(bundle, stage: dict) -> None:
+    """Scale one weight of ``stage``'s fp32 graph and rewrite its hashes: a mis-built graph with a correct sha256."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    entry = stage["graphs"]["fp32"]
+    path = bundle / entry["file"]
+    graph = onnx.load(str(path))
+    tensor = max(graph.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    values = numpy_helper.to_array(tensor).copy()
+    flat = values.reshape(-1)
+    flat[int(np.argmax(np.abs(flat)))] *= 4.0
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    onnx.save(graph, str(path))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    digest = sha256_file(path)
+    manifest["files"][entry["file"]]["sha256"] = digest
+    next(s for s in manifest["stages"] if s["name"] == stage["name"])["graphs"]["fp32"]["sha256"] = digest
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cfformer_tiny", "hifuse_tiny", "remixformer_tiny", "sgmcnet_tiny", "transxv2s_tiny"])
+def test_zoo_tiny_models_pass_on_every_precision_and_fail_when_perturbed(name, tmp_path, synthetic_data, torch):
+    from edgederm.calibration import quantize_bundle
+    from edgederm.export import export_bundle
+    from edgederm.models import create_model, list_models
+
+    assert name in list_models("*_tiny")
+    torch.manual_seed(0)
+    bundle = export_bundle(create_model(name), tmp_path / name, verify=False, profile_memory=False)
+    for precision in ("int8", "int8_dynamic", "fp16"):
+        quantize_bundle(bundle, synthetic_data / "train", precision=precision, target_agreement=None, max_images=32,
+                        say=lambda m: None)
+    add_goldens(bundle)
+    rows = selftest_bundle(bundle, backend="onnxruntime-cpu")
+    stages = [s["name"] for s in json.loads((bundle / "manifest.json").read_text())["stages"]]
+    assert sorted((r["stage"], r["precision"]) for r in rows) == sorted(
+        (s, p) for s in stages for p in ("fp32", "fp16", "int8", "int8_dynamic"))
+    assert all(r["passed"] and r["max_abs_diff"] <= r["tolerance"] for r in rows)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    target = manifest["stages"][-1]
+    _perturb_largest_weight(bundle, target)
+    with pytest.raises(SelfTestError, match=rf"stage '{target['name']}' fp32 output differs from the golden"):
+        load(bundle, precision="fp32", backend="onnxruntime-cpu", cache=False, selftest=True)
