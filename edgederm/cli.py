@@ -246,11 +246,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         goldens = selftest.add_goldens(args.bundle, key_provider=args.key_file)
         print(f"stored goldens for {', '.join(sorted(goldens))} in {args.bundle}; sign the bundle again")
         return 0
-    from edgederm.runtime import load
-
     precisions = [args.precision] if args.precision else None
     rows = selftest.selftest_bundle(args.bundle, precisions=precisions, backend=args.backend,
-                                    trusted_keys=args.trusted_key or None, key_provider=args.key_file, load=load)
+                                    trusted_keys=args.trusted_key or None, key_provider=args.key_file)
     if args.json:
         _print_json(rows)
     else:

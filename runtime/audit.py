@@ -62,7 +62,7 @@ def image_sha256(image: np.ndarray) -> str:
     """sha256 of an image's shape and uint8 pixels: identifies the input without storing it."""
     array = np.ascontiguousarray(image)
     digest = hashlib.sha256(f"{array.dtype.str}{list(array.shape)}".encode())
-    digest.update(memoryview(array).cast("B"))
+    digest.update(array.data)
     return digest.hexdigest()
 
 

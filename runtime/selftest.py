@@ -30,16 +30,14 @@ import dataclasses
 import io
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
 from .bundle import MANIFEST, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic
 from .errors import SelfTestError
-
-if TYPE_CHECKING:
-    from .model import DeployedModel
+from .model import DeployedModel, load
 
 FOLDER = "selftest"
 SEED = 20240611
@@ -96,14 +94,11 @@ def spec_dtype(stage: dict[str, Any], name: str) -> str:
     return next(str(i.get("dtype", "float32")) for i in stage["inputs"] if i["name"] == name)
 
 
-def add_goldens(bundle: str | os.PathLike[str], key_provider: Any = None,
-                load: Callable[..., DeployedModel] | None = None) -> dict[str, dict[str, Any]]:
+def add_goldens(bundle: str | os.PathLike[str], key_provider: Any = None) -> dict[str, dict[str, Any]]:
     """Compute and store goldens for every stage and precision of ``bundle``; returns the manifest section.
 
     A signature no longer matches afterwards (the manifest and file table change): sign again.
     """
-    if load is None:
-        from .model import load
     root = Path(bundle)
     manifest = read_manifest(root, verify=True)
     precisions = manifest.precisions()
@@ -132,7 +127,7 @@ def add_goldens(bundle: str | os.PathLike[str], key_provider: Any = None,
     data = manifest.data
     for name, entry in section.items():
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays[name])
+        np.savez(buffer, **arrays[name])  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         write_bytes_atomic(root / entry["file"], buffer.getvalue())
         data["files"][entry["file"]] = {"sha256": sha256_file(root / entry["file"]),
                                         "bytes": (root / entry["file"]).stat().st_size}
@@ -178,11 +173,8 @@ def run_selftest(model: DeployedModel) -> list[dict[str, Any]]:
 
 
 def selftest_bundle(bundle: str | os.PathLike[str], precisions: Sequence[str] | None = None, backend: str = "auto",
-                    trusted_keys: Sequence[Any] | None = None, key_provider: Any = None,
-                    load: Callable[..., DeployedModel] | None = None) -> list[dict[str, Any]]:
+                    trusted_keys: Sequence[Any] | None = None, key_provider: Any = None) -> list[dict[str, Any]]:
     """The self-test of every precision (or those given) of ``bundle`` on ``backend``."""
-    if load is None:
-        from .model import load
     rows: list[dict[str, Any]] = []
     for precision in precisions or read_manifest(Path(bundle), verify=False).precisions():
         model = load(bundle, backend=backend, precision=precision, cache=False, trusted_keys=trusted_keys,

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -187,3 +188,33 @@ def test_cli_keygen_sign_verify_and_one_line_refusals(mini_bundle, tmp_path, cap
     assert cli_main(["verify", str(mini_bundle), "--trusted-key", str(pub)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'extra' not covered" in err
+
+
+def test_trust_modules_import_without_their_packages_and_say_what_to_install(mini_bundle, tmp_path):
+    """A device without cryptography/model-signing imports every trust module, predicts, and gets install hints."""
+    script = textwrap.dedent(f"""
+        import builtins, sys
+        real_import = builtins.__import__
+        blocked = ("cryptography", "model_signing", "torch", "onnx")
+        def guarded(name, *args, **kwargs):
+            if name.split(".")[0] in blocked:
+                raise ImportError(name + " is blocked in this test")
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = guarded
+        from edgederm.runtime import audit, crypto, load, selftest, signing, store, trust
+        from edgederm.runtime.errors import MissingDependencyError
+        model = load({str(mini_bundle)!r}, cache=False, audit_log={str(tmp_path / 'a.jsonl')!r})
+        assert model.predict(__import__("numpy").zeros((32, 32, 3), "uint8")).label
+        for call, hint in ((lambda: load({str(mini_bundle)!r}, trusted_keys=[b"x"]), "edgederm[trust]"),
+                           (lambda: signing.sign_bundle({str(mini_bundle)!r}, "k.pem"), "edgederm[sign]")):
+            try:
+                call()
+            except MissingDependencyError as exc:
+                assert hint in str(exc), exc
+            else:
+                raise AssertionError("no MissingDependencyError")
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("ok")
