@@ -277,9 +277,13 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_trust_options(p: argparse.ArgumentParser, audit: bool = True) -> None:
-    p.add_argument("--trusted-key", action="append", type=Path, default=[], metavar="PUB",
+def _add_trusted_key(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--trusted-key", action="append", type=Path, default=[], required=required, metavar="PUB",
                    help="refuse the bundle unless signed by this public key (repeatable)")
+
+
+def _add_trust_options(p: argparse.ArgumentParser, audit: bool = True) -> None:
+    _add_trusted_key(p)
     p.add_argument("--key-file", default=None, metavar="K",
                    help="graph key of an encrypted bundle: a key file, or env:VAR")
     if audit:
@@ -407,8 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: min(2, cores))")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write latency and memory against megapixels")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.add_argument("--trusted-key", action="append", type=Path, default=[], metavar="PUB",
-                   help="refuse the bundle unless signed by this public key (repeatable)")
+    _add_trusted_key(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("build", help="build TensorRT engines for this device's GPU from a bundle (needs TensorRT)",
@@ -447,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Refuse (exit 2) unless BUNDLE/model.sig is by a pinned key and covers exactly the "
                                    "bundle's files. Reads bytes only; no graph is parsed.")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--trusted-key", action="append", type=Path, required=True, metavar="PUB")
+    _add_trusted_key(p, required=True)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("encrypt", help="encrypt a bundle's graphs (AES-256-GCM) in place",

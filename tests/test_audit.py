@@ -94,40 +94,35 @@ def _rewrite(path, lines):
     path.write_bytes(b"".join(line + b"\n" for line in lines))
 
 
-@pytest.mark.parametrize("line", [1, 7, 20])
-def test_edited_line_is_named(log20, line):
+def _edit(lines, k):
+    lines[k - 1] = lines[k - 1].replace(b'"label":"nevus"', b'"label":"melanoma"')
+
+
+def _delete(lines, k):
+    del lines[k - 1]
+
+
+def _insert(lines, k):
+    lines.insert(k - 1, lines[k - 2])  # a copy of the line before: valid on its own
+
+
+def _swap(lines, k):
+    lines[k - 1], lines[k] = lines[k], lines[k - 1]
+
+
+@pytest.mark.parametrize("tamper, line, why", [
+    (_edit, 1, "edited"), (_edit, 7, "edited"), (_edit, 20, "edited"),
+    (_delete, 1, "deleted"), (_delete, 7, "deleted"), (_delete, 19, "deleted"),
+    (_insert, 2, "deleted, inserted or moved"), (_insert, 8, "deleted, inserted or moved"),
+    (_insert, 21, "deleted, inserted or moved"),
+    (_swap, 1, "deleted"), (_swap, 7, "deleted, inserted or moved"), (_swap, 19, "deleted, inserted or moved"),
+])
+def test_tampering_is_named_at_its_line(log20, tamper, line, why):
     lines = log20.read_bytes().splitlines()
-    lines[line - 1] = lines[line - 1].replace(b'"label":"nevus"', b'"label":"melanoma"')
+    tamper(lines, line)
     _rewrite(log20, lines)
     report = verify_log(log20)
-    assert report.first_bad.startswith(f"{log20}:{line}: ") and "edited" in report.first_bad
-
-
-@pytest.mark.parametrize("line", [1, 7, 19])
-def test_deleted_line_is_named(log20, line):
-    lines = log20.read_bytes().splitlines()
-    del lines[line - 1]
-    _rewrite(log20, lines)
-    report = verify_log(log20)
-    assert report.first_bad.startswith(f"{log20}:{line}: ") and "deleted" in report.first_bad
-
-
-@pytest.mark.parametrize("line", [2, 8, 21])
-def test_inserted_line_is_named(log20, line):
-    lines = log20.read_bytes().splitlines()
-    lines.insert(line - 1, lines[line - 2])  # a copy of the line before: valid on its own
-    _rewrite(log20, lines)
-    report = verify_log(log20)
-    assert report.first_bad.startswith(f"{log20}:{line}: ")
-
-
-@pytest.mark.parametrize("line", [1, 7, 19])
-def test_swapped_lines_are_named(log20, line):
-    lines = log20.read_bytes().splitlines()
-    lines[line - 1], lines[line] = lines[line], lines[line - 1]
-    _rewrite(log20, lines)
-    report = verify_log(log20)
-    assert report.first_bad.startswith(f"{log20}:{line}: ")
+    assert report.first_bad.startswith(f"{log20}:{line}: ") and why in report.first_bad, report.first_bad
 
 
 def test_rotation_keeps_one_chain_and_tampering_in_a_rotated_file_is_named(tmp_path):
