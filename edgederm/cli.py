@@ -262,6 +262,8 @@ def cmd_store(args: argparse.Namespace) -> int:
     store = BundleStore(args.store, trusted_keys=getattr(args, "trusted_key", None) or None,
                         key_provider=getattr(args, "key_file", None))
     if args.action == "install":
+        if args.bundle is None:
+            raise EdgeDermError(f"store install needs a BUNDLE: `edgederm store install BUNDLE --store {args.store}`")
         status = store.install(args.bundle, trial=args.trial)
     elif args.action == "rollback":
         status = store.rollback()
