@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence, Union
 
 from .bundle import read_manifest, sha256_file
 from .errors import (
+    BundleError,
     BundleSignatureError,
     InputError,
     SignedFileChangedError,
@@ -203,6 +204,8 @@ def verify_bundle(bundle: str | os.PathLike[str], trusted_keys: Sequence[KeySour
     pinned = {key_id(k): k for k in keys}
     pinned_text = ", ".join(k[:16] for k in pinned)
     sig_path = root / SIGNATURE_FILE
+    if not root.is_dir():
+        raise BundleError(f"bundle {str(root)!r} is not a directory; expected a folder written by `edgederm export`")
     if not sig_path.is_file():
         raise UnsignedBundleError(
             f"bundle {root} is not signed (no {SIGNATURE_FILE}) and keys are pinned ({pinned_text}). "
