@@ -71,7 +71,8 @@ def _golden_inputs(model: DeployedModel, stage: dict[str, Any], fp32_outputs: di
     feed: dict[str, np.ndarray] = {}
     for index, spec in enumerate(stage["inputs"]):
         source = spec.get("source", "dermoscopy")
-        batch = 2 if source == "dermoscopy_windows" else 1
+        # Windows: one image's worth (the grid), so a later stage can regroup them per image.
+        batch = int(np.prod(model.tiling.get("grid", (2,)))) if source == "dermoscopy_windows" else 1
         shape = _static_shape(spec["shape"], batch)
         if source in IMAGE_SOURCES:
             height, width = shape[2], shape[3]

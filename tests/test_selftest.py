@@ -114,7 +114,10 @@ def _perturb_largest_weight(bundle, stage: dict) -> None:
     entry = stage["graphs"]["fp32"]
     path = bundle / entry["file"]
     graph = onnx.load(str(path))
-    tensor = max(graph.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    # The last Conv/MatMul/Gemm weight: nothing after it (a norm, a softmax over a mask) can cancel the change.
+    weights = {t.name: t for t in graph.graph.initializer}
+    node = [n for n in graph.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.input[1] in weights][-1]
+    tensor = weights[node.input[1]]
     values = numpy_helper.to_array(tensor).copy()
     flat = values.reshape(-1)
     flat[int(np.argmax(np.abs(flat)))] *= 4.0
