@@ -88,6 +88,34 @@ def test_selection_is_seeded_stratified_hashed_and_warns(synthetic_data):
         select_calibration(root / "nope")
 
 
+def test_calibration_cases_are_the_dataset_readers_records(tmp_path):
+    """A labels.csv folder means the same cases to calibration as to training."""
+    import csv
+    import shutil
+
+    from edgederm.calibration.data import read_cases
+    from edgederm.data import read_dataset
+    from edgederm.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "d", n_per_class=2, size=32, seed=1)
+    (root / "clinical").mkdir()
+    shutil.copy(root / "images" / "syn_000001.jpg", root / "clinical" / "syn_000001.png")
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cases = read_cases(root)
+    assert [c.image for c in cases] == [root / "images" / f"{r['id']}.jpg" for r in rows]
+    assert [c.label for c in cases] == [int(r["label"]) for r in rows]
+    assert [c.mask for c in cases] == [root / "masks" / f"{r['id']}.png" for r in rows]
+    assert [c.clinical for c in cases] == [root / "clinical" / "syn_000001.png" if r["id"] == "syn_000001" else None
+                                           for r in rows]
+    assert [c.metadata for c in cases] == [{"age": int(r["age"]), "sex": r["sex"], "site": r["site"],
+                                            "skin_tone": int(r["skin_tone"])} for r in rows]
+    assert [c.metadata for c in cases] == [r.metadata for r in read_dataset(root)]
+    (root / "images" / "syn_000002.jpg").unlink()  # a listed image that is gone is an error, not a skip
+    with pytest.raises(InputError, match=r"lists 1 id\(s\) with no image .*syn_000002"):
+        read_cases(root)
+
+
 def test_tiles_and_windows_are_the_runtime_ones():
     from edgederm.runtime.preprocess import preprocess
     from edgederm.runtime.tiling import make_grid

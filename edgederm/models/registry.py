@@ -1,6 +1,6 @@
 """Model registry: variants registered by name, built with ``create_model(name)``.
 
-A variant is a small function that only sets hyper-parameters (STYLE.md, 1).
+A variant is a small function that only sets hyper-parameters (docs/models.md).
 ``create_model`` records the name and keyword arguments on the model so a checkpoint
 (safetensors + JSON) can rebuild exactly the same architecture without pickle.
 """

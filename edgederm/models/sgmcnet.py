@@ -3,7 +3,7 @@
 Li, Li, Zuo, Chen, Chen, Lv, "Self-contrastive Feature Guidance Based
 Multidimensional Collaborative Network of metadata and image features for skin
 disease classification", Pattern Recognition 156 (2024) 110742. No official code is
-public; this is built from the paper's description (../shared/specs/MODELS.md, 4):
+public; this is built from the paper's description (docs/models.md, section 4):
 
 - backbone: ResNet-18/50 (:class:`~.layers.resnet.ResNetEncoder`, torchvision names,
   so torchvision weights load strictly with :meth:`SGMCNet.load_backbone`);
