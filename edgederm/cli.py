@@ -104,7 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     metadata = _metadata_argument(args.metadata) if args.metadata else None
     model = load(args.bundle, backend=args.backend, precision=args.precision,
-                 memory_budget=getattr(args, "memory_budget", None))
+                 memory_budget=getattr(args, "memory_budget", None), **_trust_kwargs(args))
     result = model.predict_file(args.image, metadata=metadata)
     if getattr(args, "overlay", None):
         from edgederm.runtime.imageio import read_image
@@ -166,6 +166,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgederm.bench import BenchConfig, format_report, parse_sizes, plot_report, run_bench
 
+    if args.trusted_key:  # the benchmark's workers load the bundle themselves: check it once, first
+        from edgederm.runtime.signing import verify_bundle
+
+        verify_bundle(args.bundle, args.trusted_key)
+
     engines = ["edgederm"] + ([] if args.peers == "none" else [e.strip() for e in args.peers.split(",") if e.strip()])
     config = BenchConfig(bundle=args.bundle, sizes=parse_sizes(args.sizes), engines=engines, checkpoint=args.checkpoint,
                          torch_model=args.torch_model, precision=args.precision, memory_budget=args.memory_budget,
@@ -202,10 +207,122 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """load() options of the device-trust flags (see _add_trust_options)."""
+    return {"trusted_keys": args.trusted_key or None, "key_provider": args.key_file,
+            "audit_log": args.audit_log, "audit_fields": args.audit_field or (), "selftest": args.selftest}
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from edgederm.runtime.signing import key_id, keygen, load_public_key
+
+    private, public = keygen(args.out, curve=args.curve)
+    print(f"private key {private} (keep it in the release pipeline, never on a device)")
+    print(f"public key  {public} (pin it on devices: --trusted-key); key id {key_id(load_public_key(public))[:16]}")
+    if args.graph_key:
+        from edgederm.runtime.crypto import new_key_file
+
+        print(f"graph key   {new_key_file(Path(args.out) / 'graph.key')} (for `edgederm encrypt`; give it to devices "
+              "through a key provider)")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from edgederm.runtime.signing import SIGNATURE_FILE, sign_bundle
+
+    info = sign_bundle(args.bundle, args.key, password=args.password)
+    print(f"signed {len(info.files)} files of {args.bundle} with key {info.short_key_id} -> "
+          f"{Path(args.bundle) / SIGNATURE_FILE}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgederm.runtime.signing import verify_bundle
+
+    info = verify_bundle(args.bundle, args.trusted_key)
+    print(f"{args.bundle}: signature by {info.short_key_id} covers its {len(info.files)} files exactly")
+    return 0
+
+
+def cmd_encrypt(args: argparse.Namespace) -> int:
+    from edgederm.runtime.crypto import encrypt_bundle
+
+    names = encrypt_bundle(args.bundle, args.key_file)
+    print(f"encrypted {len(names)} graphs of {args.bundle}: {', '.join(names)}; sign the bundle again")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from edgederm.runtime.audit import verify_log
+    from edgederm.runtime.errors import AuditLogError
+
+    report = verify_log(args.log, partial=args.partial)
+    if not report.ok:
+        raise AuditLogError(f"audit log chain broken at {report.first_bad}")
+    print(f"{args.log}: {report.records} records in {len(report.files)} file(s) chain correctly; head {report.head}")
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from edgederm.runtime import selftest
+
+    if args.action == "add":
+        goldens = selftest.add_goldens(args.bundle, key_provider=args.key_file)
+        print(f"stored goldens for {', '.join(sorted(goldens))} in {args.bundle}; sign the bundle again")
+        return 0
+    precisions = [args.precision] if args.precision else None
+    rows = selftest.selftest_bundle(args.bundle, precisions=precisions, backend=args.backend,
+                                    trusted_keys=args.trusted_key or None, key_provider=args.key_file)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table(rows, ["stage", "precision", "backend", "max_abs_diff", "tolerance", "passed"]))
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from edgederm.runtime.store import BundleStore
+
+    store = BundleStore(args.store, trusted_keys=getattr(args, "trusted_key", None) or None,
+                        key_provider=getattr(args, "key_file", None))
+    if args.action == "install":
+        if args.bundle is None:
+            raise EdgeDermError(f"store install needs a BUNDLE: `edgederm store install BUNDLE --store {args.store}`")
+        status = store.install(args.bundle, trial=args.trial)
+    elif args.action == "rollback":
+        status = store.rollback()
+    elif args.action == "mark-good":
+        status = store.mark_good()
+    elif args.action == "gc":
+        removed = store.gc()
+        status = store.status()
+        status["removed"] = removed
+    else:
+        status = store.status()
+    _print_json(status)
+    return 0
+
+
+def _add_trusted_key(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--trusted-key", action="append", type=Path, default=[], required=required, metavar="PUB",
+                   help="refuse the bundle unless signed by this public key (repeatable)")
+
+
+def _add_trust_options(p: argparse.ArgumentParser, audit: bool = True) -> None:
+    _add_trusted_key(p)
+    p.add_argument("--key-file", default=None, metavar="K",
+                   help="graph key of an encrypted bundle: a key file, or env:VAR")
+    if audit:
+        p.add_argument("--audit-log", type=Path, default=None, metavar="LOG", help="append a hash-chained audit record")
+        p.add_argument("--audit-field", action="append", default=[], metavar="FIELD",
+                       help="metadata field the audit record may hold (repeatable; default none)")
+        p.add_argument("--selftest", action="store_true", help="run the bundle's golden self-test before predicting")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from edgederm.serve.server import run_cli
 
-    return run_cli(args)
+    return run_cli(args, **_trust_kwargs(args))
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
@@ -312,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print label, probabilities, review, backend, precision, timings as JSON")
     p.add_argument("--overlay", type=Path, default=None, metavar="PNG", help="write the mask outline and heatmap over the image (segmenters)")
     p.add_argument("--memory-budget", default=None, help="plan the tile batch for this budget, e.g. 1.5GiB or 800MB")
+    _add_trust_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="latency, tiles/s, peak memory and GFLOP/s per image size, against PyTorch eager and MONAI",
@@ -329,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: min(2, cores))")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write latency and memory against megapixels")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    _add_trusted_key(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("build", help="build TensorRT engines for this device's GPU from a bundle (needs TensorRT)",
@@ -346,10 +465,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the new manifest entries as JSON")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("serve", help="serve a bundle on the KServe v2 / Triton protocol (HTTP and gRPC)",
-                       description="Serve BUNDLE to any KServe v2 / Triton client (tritonclient, C, Java, ...) on HTTP "
-                                   "and gRPC. Loopback only unless --allow-remote with a bearer token. See docs/serving.md.")
+    p = sub.add_parser("keygen", help="make a signing key pair (and optionally a graph encryption key)",
+                       description="Write DIR/signing-key.pem (private, 0600) and DIR/signing-key.pub (pin it on devices). "
+                                   "Elliptic-curve keys, the OpenSSF model-signing key format.")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--curve", default="P-256", choices=["P-256", "P-384", "P-521"])
+    p.add_argument("--graph-key", action="store_true", help="also write DIR/graph.key for `edgederm encrypt`")
+    p.set_defaults(func=cmd_keygen)
+
+    p = sub.add_parser("sign", help="sign every file of a bundle (OpenSSF model-signing format) -> BUNDLE/model.sig",
+                       description="Sign BUNDLE with an elliptic-curve private key. The signature covers every file, the "
+                                   "manifest included; it verifies with model_signing's own verifier. Needs "
+                                   "pip install 'edgederm[sign]'.")
     p.add_argument("bundle", type=Path)
+    p.add_argument("--key", required=True, type=Path, help="private key PEM (from `edgederm keygen`)")
+    p.add_argument("--password", default=None, help="password of an encrypted private key")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("verify", help="check a bundle's signature against pinned public keys",
+                       description="Refuse (exit 2) unless BUNDLE/model.sig is by a pinned key and covers exactly the "
+                                   "bundle's files. Reads bytes only; no graph is parsed.")
+    p.add_argument("bundle", type=Path)
+    _add_trusted_key(p, required=True)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("encrypt", help="encrypt a bundle's graphs (AES-256-GCM) in place",
+                       description="Replace every ONNX graph by an AES-256-GCM ciphertext bound to its file name and the "
+                                   "manifest. The runtime decrypts into memory only (load(..., key_provider=...)).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--key-file", required=True, help="32-byte key file (hex or raw), or env:VAR")
+    p.set_defaults(func=cmd_encrypt)
+
+    p = sub.add_parser("selftest", help="run (or add) a bundle's golden self-test on this device's backend",
+                       description="`selftest BUNDLE`: run the stored golden inputs through every stage and precision on "
+                                   "this device and refuse (exit 2) any output outside its tolerance. `selftest add "
+                                   "BUNDLE`: compute goldens from the bundle's fp32 graphs and store them.")
+    p.add_argument("action", nargs="?", choices=["run", "add"], default="run")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--precision", default=None, help="only this precision (default: every one the bundle holds)")
+    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
+    p.add_argument("--json", action="store_true")
+    _add_trust_options(p, audit=False)
+    p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser("audit", help="check an audit log's hash chain",
+                       description="`audit verify LOG`: check the hash chain through LOG and its rotated files "
+                                   "(LOG.1, LOG.2, ...); exit 2 naming the first edited, deleted, inserted or moved line.")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("log", type=Path)
+    p.add_argument("--partial", action="store_true", help="accept a chain that starts mid-way (rotation dropped old files)")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("store", help="A/B bundle store: install, status, rollback, mark-good, gc",
+                       description="`store install BUNDLE --store DIR` verifies the signature (with --trusted-key), copies "
+                                   "into the inactive slot, self-checks it there and switches the active pointer "
+                                   "atomically; the previous bundle stays as the rollback target.")
+    p.add_argument("action", choices=["install", "status", "rollback", "mark-good", "gc"])
+    p.add_argument("bundle", type=Path, nargs="?", default=None, help="bundle to install (install only)")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--trial", action="store_true", help="install as trial: rolled back at the next load unless marked good")
+    _add_trust_options(p, audit=False)
+    p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("serve", help="serve a bundle on the KServe v2 / Triton protocol (HTTP and gRPC)",
+                       description="Serve BUNDLE (or the active bundle of --store) to any KServe v2 / Triton client "
+                                   "(tritonclient, C, Java, ...) on HTTP and gRPC. Loopback only unless --allow-remote "
+                                   "with a bearer token. See docs/serving.md.")
+    p.add_argument("bundle", type=Path, nargs="?", default=None)
+    p.add_argument("--store", type=Path, default=None, metavar="DIR", help="serve this A/B store's active bundle")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
@@ -370,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="one JSON line per request on stderr (default on)")
+    _add_trust_options(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-triton", help="write a Triton model repository from a bundle",

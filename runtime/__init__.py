@@ -11,8 +11,9 @@ from .errors import (
 )
 from .model import DeployedModel, load
 from .result import Result
+from .store import load_active
 
 __all__ = [
-    "load", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
+    "load", "load_active", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
     "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError", "RemoteBackendError",
 ]

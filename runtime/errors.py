@@ -55,5 +55,45 @@ class ImageTooLargeError(ImageDecodeError):
         self.width, self.height, self.decode_bytes = width, height, decode_bytes
 
 
+class BundleSignatureError(BundleIntegrityError):
+    """A bundle's signature is missing, malformed, or does not match its files or the pinned keys."""
+
+
+class UnsignedBundleError(BundleSignatureError):
+    """Keys are pinned and the bundle carries no signature."""
+
+
+class UntrustedSignerError(BundleSignatureError):
+    """The signature was not made by any pinned key; names the signer's and the pinned key ids."""
+
+
+class SignedFileChangedError(BundleSignatureError):
+    """A signed file's bytes differ from what was signed; names the files."""
+
+
+class UnsignedFileError(BundleSignatureError):
+    """A file is in the bundle that the signature does not cover (added after signing); names it."""
+
+
+class SignedFileMissingError(BundleSignatureError):
+    """A signed file is missing from the bundle (removed after signing); names it."""
+
+
+class DecryptionError(BundleError):
+    """An encrypted graph could not be decrypted: wrong key, or ciphertext changed."""
+
+
+class SelfTestError(BundleError):
+    """A golden self-test output left its tolerance on this device; names stage, precision, difference."""
+
+
+class StoreError(EdgeDermError):
+    """The A/B bundle store is missing, damaged, or asked for something it cannot do."""
+
+
+class AuditLogError(EdgeDermError):
+    """An audit log cannot be written, or its hash chain does not verify; names the first bad line."""
+
+
 class RemoteBackendError(EdgeDermError, ConnectionError):
     """A remote server (``backend="triton://..."``) did not answer a stage, after its retries."""

@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -225,8 +225,11 @@ class DeployedModel:
 
     def __init__(self, manifest: Manifest, backend: str = "auto", precision: str = "auto",
                  threads: int | None = None, memory_budget: int | str | None = None,
-                 cache: bool = True, plan_image_size: int | tuple[int, int] = 2048) -> None:
+                 cache: bool = True, plan_image_size: int | tuple[int, int] = 2048, key_provider: Any = None) -> None:
         self.manifest = manifest
+        self.key_provider = key_provider
+        self.signature: Any = None  # runtime.signing.SignatureInfo when keys were pinned at load
+        self.audit: Any = None  # runtime.audit.AuditLog when load(audit_log=...)
         self.notes: list[str] = []
         self.model_info = manifest.model
         self.task = self.model_info["task"]
@@ -304,10 +307,15 @@ class DeployedModel:
             return RemoteBackend(self.backend_name, f"{model}_{stage['name']}", stage)
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        def session(path: str | os.PathLike[str], **options: Any) -> Backend:
+        def session(path: str | os.PathLike[str] | bytes, **options: Any) -> Backend:
             return OnnxRuntimeBackend(path, providers, threads, arena="same_as_requested", **options)
 
         graph = self.manifest.graph_path(stage, self.precision)
+        from .crypto import decrypted_graph
+
+        plaintext = decrypted_graph(self.manifest, stage, self.precision, self.key_provider)
+        if plaintext is not None:  # decrypted in memory only; an optimised-graph cache would be plaintext on disk
+            return session(plaintext)
         folder = cache_dir() if cache else None
         if folder is None:
             return session(graph)
@@ -508,6 +516,8 @@ class DeployedModel:
         timings["total"] = (time.perf_counter() - start) * 1000
         result.timings = timings
         result.memory_peak_bytes = peak_rss_bytes()
+        if self.audit is not None:
+            self.audit.record(self, result, dermoscopy=image, clinical=clinical_image, metadata=metadata)
         return result
 
     # -- internals --------------------------------------------------------------------
@@ -787,14 +797,29 @@ class DeployedModel:
 
 def load(bundle: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",
          memory_budget: int | str | None = None, threads: int | None = None, verify: bool = True,
-         cache: bool = True, plan_image_size: int | tuple[int, int] = 2048) -> DeployedModel:
+         cache: bool = True, plan_image_size: int | tuple[int, int] = 2048,
+         trusted_keys: Sequence[Any] | None = None, key_provider: Any = None,
+         audit_log: str | os.PathLike[str] | None = None, audit_fields: Sequence[str] = (),
+         selftest: bool = False) -> DeployedModel:
     """Verify a bundle (hashes, paths) and load its graphs on ``backend``.
 
     ``memory_budget`` ("1.5GiB", "800MB" or bytes) sizes the tile batch from the
     bundle's measured memory profile, planned here for a ``plan_image_size`` image
     (MemoryBudgetError if even one tile does not fit) and again for each image.
     ``cache=False`` skips the optimised-graph cache (see ``cache_dir``).
+
+    Device trust (runtime/trust.py): ``trusted_keys`` (public key files or PEM bytes)
+    refuses a bundle whose signature is missing, by another key, or does not cover
+    its exact files, before any graph is parsed; ``key_provider`` (a key file, an
+    ``env:VAR`` or a callable returning 32 bytes) decrypts encrypted graphs into
+    memory; ``selftest=True`` runs the bundle's golden inputs and refuses outputs
+    outside their tolerance; ``audit_log`` appends one hash-chained JSON line per
+    prediction, with the metadata fields named in ``audit_fields`` only.
     """
+    from .trust import after_load, before_load
+
+    signature = before_load(bundle, trusted_keys)
     manifest = read_manifest(Path(bundle), verify=verify)
-    return DeployedModel(manifest, backend=backend, precision=precision, threads=threads, memory_budget=memory_budget,
-                         cache=cache, plan_image_size=plan_image_size)
+    model = DeployedModel(manifest, backend=backend, precision=precision, threads=threads, memory_budget=memory_budget,
+                          cache=cache, plan_image_size=plan_image_size, key_provider=key_provider)
+    return after_load(model, signature, selftest=selftest, audit_log=audit_log, audit_fields=audit_fields)

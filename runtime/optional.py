@@ -23,6 +23,8 @@ INSTALL_HINTS = {
     "torch_tensorrt": "pip install torch-tensorrt (matching your torch build)",
     "modelopt": "pip install nvidia-modelopt",
     "matplotlib": "pip install matplotlib",
+    "cryptography": "pip install 'edgederm[trust]'  (signature checks and encrypted graphs on the device)",
+    "model_signing": "pip install 'edgederm[sign]'  (signing bundles in the release pipeline)",
 }
 
 

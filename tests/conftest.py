@@ -60,3 +60,57 @@ def bundle_copy(tiny_bundle, tmp_path):
     dest = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, dest)
     return dest
+
+
+@pytest.fixture()
+def mini_bundle(tmp_path, write_mini_bundle):
+    """A hand-made one-stage classifier bundle (Conv-ReLU-pool-Gemm, 32x32): builds in milliseconds."""
+    return write_mini_bundle(tmp_path / "bundle")
+
+
+@pytest.fixture(scope="session")
+def write_mini_bundle():
+    """``write(root) -> root``: the mini classifier bundle written to ``root`` (for fixtures of any scope)."""
+    pytest.importorskip("onnx")
+    return _write_mini_bundle
+
+
+def _write_mini_bundle(root):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, sha256_file, write_json_atomic
+
+    rng = np.random.default_rng(0)
+    conv = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    dense = rng.normal(size=(3, 4)).astype(np.float32)
+    init = [helper.make_tensor("conv_w", TensorProto.FLOAT, conv.shape, conv.ravel()),
+            helper.make_tensor("dense_w", TensorProto.FLOAT, dense.shape, dense.ravel()),
+            helper.make_tensor("dense_b", TensorProto.FLOAT, [3], [0.1, -0.2, 0.05])]
+    nodes = [helper.make_node("Conv", ["dermoscopy", "conv_w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "dense_w", "dense_b"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "mini", [helper.make_tensor_value_info("dermoscopy", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root.mkdir(parents=True)
+    onnx.save(model, str(root / "classifier.fp32.onnx"))
+    digest = sha256_file(root / "classifier.fp32.onnx")
+    classes = ["nevus", "melanoma", "vascular"]
+    write_json_atomic(root / "manifest.json", {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "sdk_version": "0.1.0",
+        "model": {"name": "mini", "architecture": "Mini", "task": "classify", "modalities": ["dermoscopy"],
+                  "class_names": classes, "input_size": [32, 32], "metadata_schema": None},
+        "preprocess": {"input_size": [32, 32]},
+        "stages": [{"name": "classifier",
+                    "inputs": [{"name": "dermoscopy", "shape": ["batch", 3, 32, 32], "dtype": "float32", "source": "dermoscopy"}],
+                    "outputs": [{"name": "logits", "shape": ["batch", 3], "dtype": "float32"}],
+                    "graphs": {"fp32": {"file": "classifier.fp32.onnx", "sha256": digest}}}],
+        "tiling": None, "calibration": None,
+        "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": []},
+        "files": {"classifier.fp32.onnx": {"sha256": digest, "bytes": (root / "classifier.fp32.onnx").stat().st_size}},
+    })
+    return root

@@ -216,16 +216,24 @@ def _unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def run_cli(args: Any) -> int:
-    """``edgederm serve``: load the bundle, serve it, print the addresses as one JSON line."""
-    from edgederm.runtime import load
+def run_cli(args: Any, **trust: Any) -> int:
+    """``edgederm serve``: load the bundle, serve it, print the addresses as one JSON line.
 
+    ``trust``: the device-trust options of ``load`` (pinned keys, graph key, audit log,
+    self-test); with an audit log every prediction the server makes is recorded.
+    """
+    from edgederm.runtime import load, load_active
+
+    if (args.bundle is None) == (args.store is None):
+        raise InputError("give a BUNDLE or --store DIR (one of them): `edgederm serve BUNDLE` or "
+                         "`edgederm serve --store DIR`")
     token = read_token(args.token_file)
     check_bind(args.host, args.allow_remote, token)  # before loading: a refused start costs nothing
     limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_image_side=args.max_image_side,
                     max_image_pixels=args.max_image_pixels, timeout_s=args.timeout, queue_size=args.queue_size,
                     workers=args.workers)
-    model = load(args.bundle, backend=args.backend, precision=args.precision, memory_budget=args.memory_budget)
+    options = {"backend": args.backend, "precision": args.precision, "memory_budget": args.memory_budget, **trust}
+    model = load_active(args.store, **options) if args.store is not None else load(args.bundle, **options)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access = logging.getLogger("edgederm.serve.access")

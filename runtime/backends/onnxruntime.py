@@ -65,7 +65,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(
         self,
-        graph: str | os.PathLike[str],
+        graph: str | os.PathLike[str] | bytes,
         providers: list[str] | None = None,
         threads: int | None = None,
         optimized_cache: str | os.PathLike[str] | None = None,
@@ -92,7 +92,8 @@ class OnnxRuntimeBackend(Backend):
             # ORT writes the optimised graph once; later starts load it directly.
             options.optimized_model_filepath = str(optimized_cache)
         providers = providers or ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(Path(graph)), options, providers=providers)
+        source = graph if isinstance(graph, bytes) else str(Path(graph))  # bytes: a graph decrypted in memory
+        self.session = ort.InferenceSession(source, options, providers=providers)
         self.providers = self.session.get_providers()
         self._inputs = [TensorInfo(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
