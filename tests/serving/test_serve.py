@@ -458,6 +458,35 @@ def test_serving_needs_no_torch_onnx_or_training_code(serve_bundles, lesion_imag
     assert json.loads(process.stdout.strip().splitlines()[-1]) in ("nevus", "melanoma", "vascular")
 
 
+def test_cli_serves_a_store_and_audits_every_prediction(serve_bundles, lesion_images, tmp_path):
+    """`edgederm serve --store DIR --audit-log LOG`: the store's active bundle, one audit record per request."""
+    from edgederm.runtime.audit import verify_log
+    from edgederm.runtime.store import BundleStore
+
+    BundleStore(tmp_path / "store").install(serve_bundles["classifier"])
+    log = tmp_path / "audit.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "edgederm.cli", "serve", "--store", str(tmp_path / "store"),
+                                "--http-port", "0", "--grpc-port", "0", "--audit-log", str(log)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        serving = json.loads(process.stdout.readline())
+        host = serving["http"].removeprefix("http://")
+        for module, address in ((tritonhttp, host), (tritongrpc, serving["grpc"])):
+            item = module.InferInput("dermoscopy", [1], "BYTES")
+            item.set_data_from_numpy(encoded(lesion_images["lesion_jpg"]))
+            result = module.InferenceServerClient(address).infer(serving["model"], [item])
+            assert result.as_numpy("label")[0].decode() in ("nevus", "melanoma", "vascular")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    report = verify_log(log)
+    assert report.ok and report.records == 2
+
+
 # --------------------------------------------------------------------------- observability
 
 
