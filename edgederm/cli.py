@@ -319,6 +319,18 @@ def _add_trust_options(p: argparse.ArgumentParser, audit: bool = True) -> None:
         p.add_argument("--selftest", action="store_true", help="run the bundle's golden self-test before predicting")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgederm.serve.server import run_cli
+
+    return run_cli(args, **_trust_kwargs(args))
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from edgederm.serve.triton_repo import run_cli
+
+    return run_cli(args)
+
+
 # -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -514,6 +526,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", action="store_true", help="install as trial: rolled back at the next load unless marked good")
     _add_trust_options(p, audit=False)
     p.set_defaults(func=cmd_store)
+
+    p = sub.add_parser("serve", help="serve a bundle on the KServe v2 / Triton protocol (HTTP and gRPC)",
+                       description="Serve BUNDLE (or the active bundle of --store) to any KServe v2 / Triton client "
+                                   "(tritonclient, C, Java, ...) on HTTP and gRPC. Loopback only unless --allow-remote "
+                                   "with a bearer token. See docs/serving.md.")
+    p.add_argument("bundle", type=Path, nargs="?", default=None)
+    p.add_argument("--store", type=Path, default=None, metavar="DIR", help="serve this A/B store's active bundle")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 picks a free one; -1: no gRPC)")
+    p.add_argument("--uds", default=None, metavar="PATH", help="also serve HTTP on this Unix socket (owner-only)")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (needs a token)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help="file holding the bearer token clients must send (else $EDGEDERM_SERVE_TOKEN)")
+    p.add_argument("--name", default=None, help="model name in the protocol (default: the bundle's model name)")
+    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic")
+    p.add_argument("--memory-budget", default=None, help="memory budget for the runtime, e.g. 1.5GiB")
+    p.add_argument("--workers", type=int, default=1, help="predictions run at once (default 1)")
+    p.add_argument("--queue-size", type=int, default=8, help="requests that may wait; one more gets 429 (default 8)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (default 60)")
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
+    p.add_argument("--max-image-side", type=int, default=16384, help="largest image side in px (default 16384)")
+    p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="largest image area in px (default 64e6)")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="one JSON line per request on stderr (default on)")
+    _add_trust_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-triton", help="write a Triton model repository from a bundle",
+                       description="Write REPO: each stage graph as an onnxruntime (and tensorrt_plan where an engine "
+                                   "exists) model with its config.pbtxt, and the whole pipeline as a Python-backend "
+                                   "model that runs the EdgeDerm runtime. See docs/serving.md.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--out", type=Path, required=True, metavar="REPO")
+    p.add_argument("--name", default=None, help="pipeline model name (default: the bundle's model name)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (instance_group count)")
+    p.add_argument("--kind", default="KIND_CPU", choices=["KIND_CPU", "KIND_GPU"], help="instance kind of the stage models")
+    p.add_argument("--precision", default="fp32", help="graph precision of the stage models and the pipeline")
+    p.add_argument("--overwrite", action="store_true", help="replace REPO's models of the same names")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=cmd_export_triton)
 
     p = sub.add_parser("doctor", help="what this machine can run: backends, GPU, memory",
                        description="Report Python, numpy, OpenCV, ONNX Runtime providers, torch/TensorRT availability, CPU features and memory.")

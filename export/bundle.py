@@ -21,7 +21,7 @@ import edgederm
 from edgederm.models.base import EdgeDermModel
 from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
 from edgederm.runtime.preprocess import PreprocessConfig
-from edgederm.runtime.staging import make_staging, release
+from edgederm.runtime.staging import commit, make_staging
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
 
@@ -149,10 +149,7 @@ def export_bundle(
             graph = entry["graphs"]["fp32"]
             graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
         write_json_atomic(staging / MANIFEST, manifest)
-        release(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        commit(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ from .errors import (
     InputError,
     MemoryBudgetError,
     MissingDependencyError,
+    RemoteBackendError,
 )
 from .model import DeployedModel, load
 from .result import Result
@@ -14,5 +15,5 @@ from .store import load_active
 
 __all__ = [
     "load", "load_active", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
-    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError",
+    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError", "RemoteBackendError",
 ]

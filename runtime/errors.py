@@ -93,3 +93,7 @@ class StoreError(EdgeDermError):
 
 class AuditLogError(EdgeDermError):
     """An audit log cannot be written, or its hash chain does not verify; names the first bad line."""
+
+
+class RemoteBackendError(EdgeDermError, ConnectionError):
+    """A remote server (``backend="triton://..."``) did not answer a stage, after its retries."""

@@ -67,6 +67,7 @@ import numpy as np
 
 from . import preprocess as pp
 from .backends.base import Backend
+from .backends.remote import SCHEME as REMOTE_SCHEME  # backend="triton://HOST:PORT"
 from .bundle import Manifest, read_manifest, sha256_file, write_json_atomic
 from .errors import BundleError, InputError
 from .imageio import DEFAULT_MAX_PIXELS, as_rgb_uint8, read_image_within
@@ -299,6 +300,11 @@ class DeployedModel:
     def _open_stage(self, stage: dict[str, Any], providers: list[str], threads: int | None, cache: bool) -> Backend:
         if self.backend_name == "tensorrt":  # loaded (after the target check) by _choose_backend
             return self._engine_stages[stage["name"]]
+        if self.backend_name.startswith(REMOTE_SCHEME):
+            from .backends.remote import RemoteBackend, safe_model_name
+
+            model = safe_model_name(str(self.model_info.get("name") or "model"))
+            return RemoteBackend(self.backend_name, f"{model}_{stage['name']}", stage)
         from .backends.onnxruntime import OnnxRuntimeBackend
 
         def session(path: str | os.PathLike[str] | bytes, **options: Any) -> Backend:
@@ -358,8 +364,14 @@ class DeployedModel:
         return backend
 
     def _choose_backend(self, backend: str) -> tuple[str, list[str]]:
+        if backend.startswith(REMOTE_SCHEME):  # stage graphs on a KServe v2 server; no local provider
+            from .backends.remote import parse_url
+
+            parse_url(backend)
+            return backend, []
         if backend not in BACKENDS:
-            raise InputError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
+            raise InputError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)} "
+                             f"or {REMOTE_SCHEME}HOST:PORT")
         from .backends.onnxruntime import available_providers
 
         have = available_providers()

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["OWNER_FILE", "GRACE_SECONDS", "MAX_AGE_SECONDS", "make_staging", "release", "remove_abandoned"]
+__all__ = ["OWNER_FILE", "GRACE_SECONDS", "MAX_AGE_SECONDS", "make_staging", "release", "commit",
+           "remove_abandoned"]
 
 OWNER_FILE = ".staging-owner.json"
 GRACE_SECONDS = 3600.0
@@ -46,6 +47,14 @@ def make_staging(parent: str | os.PathLike[str], prefix: str) -> Path:
 def release(staging: str | os.PathLike[str]) -> None:
     """Drop the owner file before ``staging`` is committed (renamed into place)."""
     (Path(staging) / OWNER_FILE).unlink(missing_ok=True)
+
+
+def commit(staging: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Put a finished ``staging`` folder in place of ``final`` (replacing what was there) by a rename."""
+    release(staging)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
 
 
 def remove_abandoned(parent: str | os.PathLike[str], prefix: str, now: float | None = None) -> list[Path]:
