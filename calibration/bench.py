@@ -12,7 +12,7 @@ Decisions:
   Exported with the SDK's exporter on every run (a graph left in ``--out`` by an
   earlier run may hold other weights).
 - Data: synthetic dermoscopy cases (edgederm.data.synthetic) cut into windows by the
-  runtime's own window code (calibration/data.py ``image_windows``); calibration and
+  runtime's own window code (runtime/pipeline.py ``image_windows``); calibration and
   evaluation images are disjoint.
 - "Decision": an encoder has no decision of its own, so a linear probe (ridge
   regression, one-vs-rest over the synthetic classes) is fitted on the fp32
@@ -51,9 +51,8 @@ class Variant:
 
 def _windows(seeds: range, size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
     from edgederm.data.synthetic import generate_case
+    from edgederm.runtime.pipeline import image_windows
     from edgederm.runtime.preprocess import PreprocessConfig
-
-    from .data import image_windows
 
     config = PreprocessConfig(input_size=(size, size))
     xs, ys = [], []

@@ -4,7 +4,9 @@ from .errors import (
     BundleIntegrityError,
     EdgeDermError,
     ImageDecodeError,
+    GraphLoadError,
     InputError,
+    ManifestError,
     MemoryBudgetError,
     MissingDependencyError,
 )
@@ -13,5 +15,5 @@ from .result import Result
 
 __all__ = [
     "load", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
-    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError",
+    "BundleError", "BundleIntegrityError", "ManifestError", "GraphLoadError", "MemoryBudgetError", "MissingDependencyError",
 ]

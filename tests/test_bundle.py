@@ -94,7 +94,7 @@ def test_interrupted_quantize_keeps_previous_bundle(bundle_copy, synthetic_data,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize_mod, "write_json_atomic", interrupted)
+    monkeypatch.setattr(quantize_mod, "write_manifest", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize_mod.quantize_bundle(bundle_copy, synthetic_data / "train", max_images=8, say=lambda m: None)
     assert (bundle_copy / "manifest.json").read_text() == before
