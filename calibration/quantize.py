@@ -340,7 +340,7 @@ def _with_float_nodes(k: int, ranked: list[str], qdq: dict[str, Any], floats: di
 def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging: Path, say: Callable[[str], None]) -> None:
     root = manifest.root
     staged: dict[str, str] = report.pop("_staged")
-    data = copy.deepcopy(manifest.data)
+    data: dict[str, Any] = copy.deepcopy(dict(manifest.data))
     previous: list[str] = []
     for stage in data["stages"]:
         source = root / staged[stage["name"]]

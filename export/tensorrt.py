@@ -2,7 +2,7 @@
 
 One engine per stage, recorded in the manifest with what it is bound to (GPU name,
 compute capability, SM count, TensorRT version), its precision, its optimisation
-profile and its sha256. Decisions (specs/JETSON.md):
+profile and its sha256. Decisions (``docs/architecture.md``):
 
 - One code path for TensorRT 8.5+ and 10.x: the ONNX parser, ``set_memory_pool_limit``,
   optimisation profiles and the tensor-name API exist in both; version-specific

@@ -76,13 +76,14 @@ class DeployedModel:
         self.last_run: dict[str, Any] = {}  # tiles, batch size, plan of the latest predict (benchmarks read it)
         self.cache_hits: dict[str, bool] = {}
         start = time.perf_counter()
-        choice = self._choose(backend, precision, graph_overrides)
+        choice, engine_backends = self._choose(backend, precision, graph_overrides)
         self.backend_name, self.precision = choice.backend, choice.precision
         self.notes: list[str] = list(choice.notes)
         for note in choice.notes:
             log.warning(note)
-        if choice.engines is not None:
-            self.stages = self._engines
+        self.stages: dict[str, Backend]
+        if engine_backends is not None:
+            self.stages = dict(engine_backends)
         else:
             self.stages = {s.name: self._open_stage(s.name, choice, threads, cache, graph_overrides)
                            for s in manifest.stages}
@@ -102,10 +103,13 @@ class DeployedModel:
                 self.memory_plan = self.plan_memory(int(side[0]), int(side[1]))
 
     # -- setup ------------------------------------------------------------------------
-    def _choose(self, backend: str, precision: str, overrides: Mapping[str, Any] | None) -> Choice:
+    def _choose(self, backend: str, precision: str, overrides: Mapping[str, Any] | None
+                ) -> tuple[Choice, Mapping[str, Backend] | None]:
+        """The choice, and the TensorRT engines already opened when it is TensorRT."""
         from .backends.onnxruntime import available_providers
 
         engines = None
+        opened = None
         if wants_engines(backend, precision) and not overrides:
             from .backends.cuda import TensorRTError
             from .backends.engines import select_engines
@@ -115,18 +119,18 @@ class DeployedModel:
                                      None if precision == "auto" else precision)
             if engines[0] is not None:
                 try:
-                    self._engines = load_engines(self.manifest, engines[0])
+                    opened = load_engines(self.manifest, engines[0])
                 except (TensorRTError, MissingDependencyError, BundleError, OSError) as exc:  # fall back, and say so
                     engines = (None, f"TensorRT engines not used: {exc}")
         if not overrides:
-            return choose(self.manifest, backend, precision, available_providers(), engines)
+            return choose(self.manifest, backend, precision, available_providers(), engines), opened
         missing = [s.name for s in self.manifest.stages if s.name not in overrides]
         if missing or precision == "auto":
             raise BundleError(f"graph_overrides must name a graph for every stage ({missing} missing) and come with "
                               f"an explicit precision (got {precision!r})")
         # The override graphs are the precision's; the manifest may not list it yet.
         return dataclasses.replace(choose(self.manifest, backend, "fp32", available_providers(), engines),
-                                   precision=precision)
+                                   precision=precision), None
 
     def _open_stage(self, name: str, choice: Choice, threads: int | None, cache: bool,
                     overrides: Mapping[str, str | os.PathLike[str]] | None) -> Backend:

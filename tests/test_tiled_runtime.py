@@ -30,7 +30,7 @@ from edgederm.export import export_bundle  # noqa: E402
 from edgederm.models.base import EdgeDermModel, ExportStage  # noqa: E402
 from edgederm.runtime import InputError, load  # noqa: E402
 from edgederm.runtime import preprocess as pp  # noqa: E402
-from edgederm.runtime.model import tile_probabilities  # noqa: E402
+from edgederm.runtime.probabilities import tile_probabilities  # noqa: E402
 
 TILE = 64
 
@@ -325,7 +325,7 @@ def test_staged_runtime_matches_torch_and_runs_only_the_stages_needed(bundles, r
     manifest = json.loads((paths["windowed"] / "manifest.json").read_text())
     config = pp.PreprocessConfig.from_dict(manifest["preprocess"])
     from edgederm.runtime.metadata import load_schema
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
 
     image = generate_case(seed=10, size=(150, 220)).image
     metadata = {"age": 61, "sex": "male", "site": "back"}
@@ -380,7 +380,7 @@ def test_remixformer_runtime_matches_torch_for_modality_subsets(tmp_path, record
 
     from edgederm.models import create_model
     from edgederm.runtime.metadata import load_schema
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
 
     torch.manual_seed(0)
     model = create_model("remixformer_tiny").eval()
