@@ -54,6 +54,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgederm.metrics import dice_score
+from edgederm.runtime.backends.base import Backend, TensorInfo
+from edgederm.runtime.bundle import Stage
 
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_graph_flops", "format_report", "plot_report"]
 
@@ -191,6 +193,24 @@ def _load_torch_model(checkpoint: str | None, factory: str | None = None) -> Any
     return model.eval()
 
 
+class _TorchBackend(Backend):
+    """A stage run by PyTorch eager (the bench's peer), behind the runtime's backend interface."""
+
+    name = "torch"
+
+    def __init__(self, module: Any, stage: Stage) -> None:
+        self.module = module
+        self._inputs = [TensorInfo(s.name, s.shape, s.dtype) for s in stage.inputs]
+        self._outputs = [TensorInfo(s.name, s.shape, s.dtype) for s in stage.outputs]
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(feed[i.name]) for i in self._inputs))
+        return {self._outputs[0].name: out.numpy()}
+
+
 def _weights_check(torch_module: Any, manifest: Any, stage: Any, x: np.ndarray) -> float:
     """Max |torch - ONNX fp32| on one input of the tiled stage."""
     import torch
@@ -234,7 +254,6 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
 
         from edgederm.runtime import preprocess as pp
         from edgederm.runtime.bundle import read_manifest
-        from edgederm.runtime.probabilities import tile_probabilities
 
         torch.set_num_threads(threads)
         manifest = read_manifest(args["bundle"])
@@ -252,28 +271,21 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
                                         np.zeros((1, tile, tile, 3), np.uint8), config, stats)
             out["weights_max_abs_diff"] = _weights_check(model, manifest, stage, probe)
 
-            def torch_probs(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return tile_probabilities(model(torch.from_numpy(x)).numpy())
-
             if engine == "torch":
-                from edgederm.runtime.tiling import TilingStats, sliding_window
+                # The runtime's own stage pipeline (tiles, blending, reduction to a mask), with
+                # PyTorch eager in place of the ONNX graph: only the engine differs.
+                from edgederm.runtime.memory import plan
+                from edgederm.runtime.pipeline import Pipeline
 
-                height, width = image.shape[:2]
-                mask = np.empty((height, width), np.uint8)
-
-                def on_rows(y0: int, block: np.ndarray) -> None:
-                    mask[y0:y0 + block.shape[1]] = block.argmax(axis=0)
-
-                sliding_window(np.ascontiguousarray(image[:tile, :tile]), lambda b: torch_probs(pp.preprocess_batch(b, config, stats)),
-                               tile=tile, overlap=overlap, blend=blend, batch_size=batch, on_rows=lambda y, b: None)
-                stats_t = TilingStats()
+                backend = _TorchBackend(model, stage)
+                pipeline = Pipeline(manifest, {stage.name: backend},
+                                    lambda h, w: dataclasses.replace(plan(manifest, None, h, w), batch_size=batch))
+                pipeline.segment(np.ascontiguousarray(image[:tile, :tile]), {})
                 rss_before = current_rss_bytes()
                 t0 = time.perf_counter()
-                sliding_window(image, lambda b: torch_probs(pp.preprocess_batch(b, config, stats)), tile=tile,
-                               overlap=overlap, blend=blend, batch_size=batch, on_rows=on_rows, stats=stats_t)
+                run = pipeline.segment(image, {})
                 latency = time.perf_counter() - t0
-                count = stats_t.tiles
+                mask, count = run.mask, run.info["tiles"]
             else:  # monai
                 from monai.inferers import sliding_window_inference
 

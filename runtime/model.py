@@ -32,12 +32,12 @@ import os
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .backends.base import Backend
-from .bundle import Manifest, read_manifest, resolve_inside
+from .bundle import Clinical, Manifest, read_manifest, resolve_inside
 from .errors import BundleError, InputError, MissingDependencyError
 from .imageio import as_rgb_uint8, read_image
 from .memory import MemoryPlan, parse_size, plan
@@ -201,7 +201,8 @@ class DeployedModel:
                             precision=self.precision, mask=run.mask, heatmap=run.heatmap)
         else:
             assert run.logits is not None
-            result = self._classification_result(run.logits, image)
+            result = classification_result(run.logits, self.class_names, self.manifest.clinical, image,
+                                           self.backend_name, self.precision)
         result.notes = notes
         timings["total"] = (time.perf_counter() - start) * 1000
         result.timings = timings
@@ -242,20 +243,20 @@ class DeployedModel:
         if "metadata" not in self.modalities:
             notes.append("metadata ignored: this model does not use it")
 
-    def _classification_result(self, logits: np.ndarray, image: np.ndarray | None = None) -> Result:
-        from .safety import image_statistics, review  # reason codes and their rules: runtime/safety.py
 
-        clinical = self.manifest.clinical
-        probs = softmax(logits, clinical.temperature)
-        label = self.class_names[int(np.argmax(probs))]
-        stats = image_statistics(image) if image is not None else None
-        reasons = review(probs, self.class_names, clinical.settings, stats)
-        return Result(
-            label=label,
-            probabilities={n: float(p) for n, p in zip(self.class_names, probs)},
-            needs_review=bool(reasons), review_reasons=reasons,
-            backend=self.backend_name, precision=self.precision,
-        )
+def classification_result(logits: np.ndarray, class_names: Sequence[str], clinical: Clinical,
+                          image: np.ndarray | None, backend: str, precision: str) -> Result:
+    """A classifier's Result: temperature-scaled probabilities and the review rules
+    (reason codes and their rules: runtime/safety.py) on the logits of one image."""
+    from .safety import image_statistics, review
+
+    probs = softmax(logits, clinical.temperature)
+    reasons = review(probs, list(class_names), clinical.settings, image_statistics(image) if image is not None else None)
+    return Result(
+        label=class_names[int(np.argmax(probs))],
+        probabilities={n: float(p) for n, p in zip(class_names, probs)},
+        needs_review=bool(reasons), review_reasons=reasons, backend=backend, precision=precision,
+    )
 
 
 def load(bundle: str | os.PathLike[str], backend: str = "auto", precision: str = "auto",

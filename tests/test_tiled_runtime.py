@@ -350,10 +350,18 @@ def test_staged_runtime_matches_torch_and_runs_only_the_stages_needed(bundles, r
 def test_window_embeddings_are_streamed_in_batches_of_the_plan(bundles):
     paths, _ = bundles
     image = generate_case(seed=11, size=200).image
-    one = load(paths["windowed"], precision="fp32")
-    one.tiling["batch_size"] = 1
-    all_at_once = load(paths["windowed"], precision="fp32")
-    all_at_once.tiling["batch_size"] = 6
+    import dataclasses
+
+    from edgederm.runtime import DeployedModel
+    from edgederm.runtime.bundle import read_manifest
+
+    manifest = read_manifest(paths["windowed"])
+
+    def with_batch(batch):
+        tiling = dataclasses.replace(manifest.tiling, batch_size=batch)
+        return DeployedModel(dataclasses.replace(manifest, tiling=tiling), precision="fp32")
+
+    one, all_at_once = with_batch(1), with_batch(6)
     seen = []
     a = one.predict(dermoscopy=image, progress=lambda done, total: seen.append((done, total)))
     b = all_at_once.predict(dermoscopy=image)
