@@ -35,7 +35,7 @@ def version_tuple(version: str | Sequence[int] | None) -> tuple[int, ...]:
 def engine_cache_key(model_sha256: str, tensorrt_version: str, gpu_name: str, sm_count: int, precision: str,
                      profile_shapes: Mapping[str, Mapping[str, Sequence[int]]],
                      compute_capability: str | None = None) -> str:
-    """sha256 over everything that changes an engine (STYLE.md 11); used in engine file names and checked at load."""
+    """sha256 over everything that changes an engine; used in engine file names and checked at load."""
     canonical = {
         "model_sha256": model_sha256,
         "tensorrt_version": ".".join(str(v) for v in version_tuple(tensorrt_version)),
