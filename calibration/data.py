@@ -65,33 +65,17 @@ class CalibrationSet:
         return len(self.paths)
 
 
-def _find(folder: Path, stem: str) -> Path | None:
-    for ext in (".jpg", ".png", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"):
-        p = folder / f"{stem}{ext}"
-        if p.exists():
-            return p
-    return None
-
-
 def read_cases(root: str | Path) -> list[Case]:
     """Every case under ``root`` (labels.csv layout or a plain image folder)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"calibration folder {str(root)!r} does not exist or is not a folder; "
                          "give a folder of images, or labels.csv + images/")
-    table = root / "labels.csv"
-    if table.is_file():
-        with open(table, newline="") as f:
-            rows = list(csv.DictReader(f))
-        cases = []
-        for r in rows:
-            image = _find(root / "images", r["id"])
-            if image is None:
-                continue
-            record = {k: (v if v != "" else None) for k, v in r.items() if k not in _NOT_METADATA}
-            cases.append(Case(image, int(r["label"]) if r.get("label", "") != "" else None, record or None,
-                              _find(root / "masks", r["id"]), _find(root / "clinical", r["id"])))
-        return cases
+    from edgederm.data.labels import LABELS_CSV
+    from edgederm.data.layouts import read_dataset
+
+    if (root / LABELS_CSV).is_file():
+        return [Case(r.image, r.label, r.metadata or None, r.mask, r.clinical) for r in read_dataset(root, layout="edgederm")]
     return [Case(p) for p in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())]
 
 

@@ -1,4 +1,4 @@
-"""Graph rewrites for ONNX Runtime on CPU that ORT's own optimiser misses.
+"""Graph rewrites: the erf-GELU fusion ORT's own optimiser misses, and dead-node removal.
 
 Why: the dynamo exporter writes ``nn.GELU()`` at opset 18 as five elementwise nodes,
 ``x * (0.5 * (1 + erf(x / sqrt(2))))``, and ORT 1.31's GeluFusion does not match that
@@ -106,7 +106,21 @@ def fuse_erf_gelu(model: Any) -> int:
     if fused and domain and not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
     if fused:
-        from .graphs import remove_unused
-
         remove_unused(model)  # the 0.5 / 1 / sqrt(2) constants
     return fused
+
+
+def remove_unused(model: Any) -> None:
+    """Drop nodes whose outputs nobody reads, and initializers nobody uses (in place)."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {name for node in graph.node for name in node.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)

@@ -6,9 +6,8 @@ Decisions:
   TensorRT targets, through nvidia-modelopt's ONNX quantization when it is installed
   (``backend="modelopt"``; imported lazily, never at module top).
 - Only Conv, MatMul and Gemm inputs are quantized (``QUANTIZED_OPS``), so LayerNorm,
-  Softmax, GELU (Erf arithmetic at opset 18) and output Sigmoid/Softmax stay in float
-  (specs/MODELS.md). tests/test_calibration.py checks the graph: no DequantizeLinear
-  feeds those ops.
+  Softmax, GELU (Erf arithmetic at opset 18) and output Sigmoid/Softmax stay in float;
+  tests/test_calibration.py checks the graph: no DequantizeLinear feeds those ops.
 - Weights int8, symmetric, per channel by default. Activations: uint8 asymmetric by
   default, the fast U8S8 kernels of x86 CPUs (ORT's S8S8 path is several times
   slower there); ``activation_type="int8"`` gives symmetric int8 activations with
@@ -45,6 +44,8 @@ import numpy as np
 from edgederm.runtime.bundle import write_bytes_atomic
 from edgederm.runtime.errors import EdgeDermError, InputError
 from edgederm.runtime.optional import optional_import
+
+from .fusions import fuse_erf_gelu, remove_unused
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +255,6 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .fusions import fuse_erf_gelu
-
     if weight_type not in INT8_TYPES:
         raise InputError(f"weight_type {weight_type!r} is not supported; choose one of {', '.join(INT8_TYPES)}")
     out_path = Path(out_path)
@@ -310,22 +309,6 @@ def float_only_violations(model: Any) -> list[str]:
                 if src is not None and src.op_type == "DequantizeLinear":
                     bad.append(f"{node.name} ({node.op_type}) <- {src.name}")
     return bad
-
-
-def remove_unused(model: Any) -> None:
-    """Drop nodes whose outputs nobody reads, and initializers nobody uses (in place)."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = {name for node in graph.node for name in node.input} | outputs
-        dead = [n for n in graph.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    used = {name for node in graph.node for name in node.input} | outputs
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
 
 
 def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:

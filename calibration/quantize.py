@@ -24,7 +24,8 @@ Flow (decisions):
    the final graphs get names of their own (content hash) so a graph the current
    manifest references is never overwritten, then the manifest is replaced in one
    rename, then files no longer referenced are deleted. An interrupted quantize
-   leaves the previous bundle intact and loadable.
+   leaves the previous bundle intact and loadable; the next quantize removes the
+   staging folder it left (runtime/staging.py).
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import copy
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +42,7 @@ import numpy as np
 from edgederm.runtime.bundle import Manifest, read_manifest, sha256_file, write_manifest
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
+from edgederm.runtime.staging import make_staging
 
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
 from .fidelity import classification_fidelity, segmentation_fidelity
@@ -165,7 +166,7 @@ def quantize_bundle(
     say(f"{precision}: calibrating {len(stages)} stage(s) of {manifest.model.name} ({manifest.model.task}) "
         f"on {len(calib)} images from {calib_dir}" + (f" ({method}, per-channel={per_channel}, {format}, "
                                                        f"activations {activation_type}, {backend})" if settings else ""))
-    staging = Path(tempfile.mkdtemp(prefix=".quantize-", dir=root))
+    staging = make_staging(root, ".quantize-")
     try:
         report = _quantize(manifest, calib, eval_cases, held_out, precision, settings, staging, say=say,
                            target=target_agreement, seed=seed, sensitivity_seconds=sensitivity_seconds,

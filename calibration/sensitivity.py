@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .fidelity import relative_error
-from .graphs import QUANTIZED_OPS, remove_unused
+from .fusions import remove_unused
+from .graphs import QUANTIZED_OPS
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,18 @@ Each sub-command imports what it needs when it runs, so ``edgederm predict`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import logging.handlers
+import os
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from edgederm.runtime.errors import EdgeDermError
+from edgederm.training.options import add_train_arguments
 
 
 def _print_json(data: Any) -> None:
@@ -79,7 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_precision(args: argparse.Namespace) -> int:
-    from edgederm.calibration.bench import run_benchmark, summarize
+    from edgederm.bench_precision import run_benchmark, summarize
 
     rows = run_benchmark(args.out, batch=args.batch, threads=args.threads, window=args.window, calib_images=args.calib_images,
                          eval_images=args.eval_images, seconds=args.seconds, variants=args.variant or None, small=args.small,
@@ -97,13 +102,7 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from edgederm.runtime import load
 
-    metadata = None
-    if args.metadata:
-        text = Path(args.metadata).read_text() if Path(args.metadata).is_file() else args.metadata
-        try:
-            metadata = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise EdgeDermError(f"--metadata is neither a JSON file nor JSON text ({exc}); example: '{{\"age\": 54, \"sex\": \"female\"}}'") from exc
+    metadata = _metadata_argument(args.metadata) if args.metadata else None
     model = load(args.bundle, backend=args.backend, precision=args.precision,
                  memory_budget=getattr(args, "memory_budget", None))
     result = model.predict_file(args.image, metadata=metadata)
@@ -126,6 +125,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for note in result.notes:
             print(f"note: {note}")
     return 0
+
+
+def _metadata_argument(value: str) -> Any:
+    """``--metadata``: JSON text when it starts with "{", otherwise the path of a JSON file.
+
+    Deciding by the first character (not by trying to open the text as a file) keeps
+    inline JSON of any length from being taken for a path.
+    """
+    from edgederm.runtime.errors import InputError
+    from edgederm.runtime.files import read_regular_file
+
+    example = '{"age": 54, "sex": "female"}'
+    if value.lstrip().startswith("{"):
+        text, source = value, "--metadata JSON text"
+    else:
+        def refuse(problem: str, fix: str) -> NoReturn:
+            raise InputError(f"--metadata {value[:80]!r} is not JSON text (it does not start with '{{') and not a "
+                             f"readable JSON file: {problem}; pass JSON text like '{example}' or a file of it")
+
+        text = read_regular_file(value, 1 << 20, refuse).decode("utf-8", errors="replace")
+        source = f"--metadata file {value!r}"
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{source} is not valid JSON ({str(exc)[:120]}); example: '{example}'") from exc
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -208,8 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a registered model on an image folder -> checkpoint",
                        description="Train on DATA (labels.csv + images/). Writes a checkpoint folder: model.safetensors + config.json (no pickle).")
-    from edgederm.train import add_train_arguments  # no torch at import; the options live with the trainer
-
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
 
@@ -327,18 +349,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose library warnings are also in their result (Result.notes): held until
+# the answer is printed and dropped with a refusal, so a refusal is one stderr line.
+_DEFERRED_WARNINGS = ("predict",)
+
+
+@contextlib.contextmanager
+def _native_stderr_held(replay: Callable[[], bool]) -> Iterator[None]:
+    """Hold what native libraries write to file descriptor 2 (libpng warnings, OpenCV and
+    ONNX Runtime logs) and replay it at the end only when ``replay()`` says so. Python's
+    own ``sys.stderr`` keeps writing to the terminal."""
+    try:
+        sys.stderr.flush()
+        saved: int | None = os.dup(2)
+    except (OSError, ValueError):  # no descriptor 2 (an embedding host): nothing to hold
+        saved = None
+    if saved is None:
+        yield
+        return
+    python_stderr = sys.stderr
+    terminal = None
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        if _writes_to_fd2(python_stderr):
+            terminal = open(saved, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+            sys.stderr = terminal
+        try:
+            yield
+        finally:
+            if terminal is not None:
+                sys.stderr = python_stderr
+                terminal.close()  # closefd=False: the descriptor stays open for the restore below
+            os.dup2(saved, 2)
+            os.close(saved)
+            if replay():
+                held.seek(0)
+                text = held.read().decode("utf-8", errors="replace")
+                if text:
+                    print(text, end="", file=sys.stderr)
+
+
+def _writes_to_fd2(stream: Any) -> bool:
+    try:
+        return int(stream.fileno()) == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).splitlines())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except EdgeDermError as exc:
-        print(f"edgederm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"edgederm {args.command}: interrupted", file=sys.stderr)
-        return 130
+    status = 1
+    with _native_stderr_held(lambda: args.verbose or status != 2):
+        # Made inside, so that it writes to the terminal and not to the held descriptor.
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        deferred = (logging.handlers.MemoryHandler(1 << 20, flushLevel=logging.CRITICAL + 1, target=stream)
+                    if args.command in _DEFERRED_WARNINGS and not args.verbose else None)
+        handler = deferred or stream
+        root = logging.getLogger()
+        saved_level = root.level
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+        logging.captureWarnings(True)  # numpy RuntimeWarnings and the like follow the logging policy above
+        try:
+            status = int(args.func(args) or 0)
+        except EdgeDermError as exc:
+            status = 2
+            if deferred is not None:
+                deferred.buffer.clear()
+            print(f"edgederm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            status = 130
+            print(f"edgederm {args.command}: interrupted", file=sys.stderr)
+        finally:
+            handler.flush()
+            logging.captureWarnings(False)
+            root.removeHandler(handler)
+            root.setLevel(saved_level)
+            handler.close()
+    return status
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def run_quickstart(out: str | Path, n_per_class: int = 200, epochs: int = 6, see
     from edgederm.export import export_bundle
     from edgederm.runtime import load
     from edgederm.runtime.preprocess import PreprocessConfig
-    from edgederm.train import TrainConfig, read_image_folder, train
+    from edgederm.data import read_image_folder
+    from edgederm.train import TrainConfig, train
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

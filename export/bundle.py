@@ -3,7 +3,8 @@
 All-or-nothing: graphs and the manifest are written into a hidden staging folder
 next to ``out_dir`` and the folder is renamed into place only after every stage has
 exported and passed its parity check. An interrupted export leaves no bundle that
-loads (at most a ``.<name>.partial-*`` folder, removed by the next export).
+loads (at most a ``.<name>.partial-*`` folder, removed by the next export once its
+writer is gone: runtime/staging.py).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +22,7 @@ from edgederm.models.base import EdgeDermModel
 from edgederm.runtime.bundle import (DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, FORMAT, FORMAT_VERSION, MANIFEST,
                                      Manifest, parse_manifest, sha256_file, write_manifest)
 from edgederm.runtime.preprocess import PreprocessConfig
+from edgederm.runtime.staging import make_staging, release
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
 
@@ -79,11 +80,9 @@ def export_bundle(
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     say = progress or (lambda msg: log.info(msg))
     model = model.eval()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = make_staging(out.parent, f".{out.name}.partial-")
     try:
         stages_json = []
         parity: dict[str, dict] = {}
@@ -148,6 +147,7 @@ def export_bundle(
         if tiling is not None and "batch_size" not in tiling:
             tiling["batch_size"] = default_tile_batch(parse_manifest(manifest, staging))
         write_manifest(staging, manifest)
+        release(staging)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -48,10 +48,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from edgederm.runtime.backends.cuda import DeviceInfo, query_device
 from edgederm.runtime.backends.engines import ENGINE_PRECISIONS, engine_cache_key, version_tuple
-from edgederm.runtime.backends.tensorrt import import_tensorrt, trt
+from edgederm.runtime.backends.tensorrt import trt
 from edgederm.runtime.bundle import (MANIFEST, Manifest, Stage, read_manifest, resolve_inside, sha256_file,
                                      write_bytes_atomic, write_manifest)
 from edgederm.runtime.memory import parse_size, plan
+from edgederm.runtime.optional import import_tensorrt
 from edgederm.runtime.errors import BundleError, EdgeDermError, InputError, MissingDependencyError
 from edgederm.runtime.optional import INSTALL_HINTS
 

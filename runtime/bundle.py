@@ -24,10 +24,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from .errors import BundleError, BundleIntegrityError, InputError, ManifestError
-from .memory import MemoryProfile
+from .files import Refuse, read_regular_file
 from .preprocess import PreprocessConfig
 
 MANIFEST = "manifest.json"
@@ -44,7 +44,14 @@ DEFAULT_OVERLAP = 0.25
 DEFAULT_BLEND = "gaussian"
 DEFAULT_TILE_BATCH = 4
 BLENDS = ("gaussian", "constant")
-MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest is a few KiB; a larger one is not a manifest
+#: A manifest is a few kB; anything near this is not one.
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+def _refuse_manifest(path: Path) -> Refuse:
+    def refuse(problem: str, fix: str) -> NoReturn:
+        raise BundleError(f"cannot read {path}: {problem}; {fix}")
+    return refuse
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -169,6 +176,17 @@ class Tiling:
     window: int | None = None
     grid: tuple[int, int] | None = None
     working_max_side: int | None = None
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """What export measured (runtime/memory.py plans with it): process peak =
+    ``fixed_bytes + per_tile_bytes x batch`` of the profiled ``stage``."""
+
+    fixed_bytes: int
+    per_tile_bytes: int
+    measured_on: Mapping[str, Any] = field(default_factory=dict)
+    stage: str = ""
 
 
 @dataclass(frozen=True)
@@ -367,6 +385,17 @@ def _tiling(raw: Any) -> Tiling:
     )
 
 
+def _memory(raw: Any) -> MemoryProfile | None:
+    if raw is None:
+        return None
+    fix = "re-export the bundle (edgederm export) to measure it again"
+    if not isinstance(raw, dict):
+        raise ManifestError("memory", raw, "a JSON object with fixed_bytes and per_tile_bytes, or null", fix)
+    fixed, slope = (_int(f"memory.{key}", raw.get(key)) for key in ("fixed_bytes", "per_tile_bytes"))
+    measured = raw.get("measured_on") or {}
+    return MemoryProfile(fixed, slope, dict(measured) if isinstance(measured, dict) else {}, str(raw.get("stage", "")))
+
+
 def _clinical(raw: Any) -> Clinical:
     if raw is None:
         return Clinical()
@@ -449,11 +478,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
         raise _fail("stages", [(s.name, list(s.sources)) for s in stages],
                     "one stage with one 'dermoscopy' input for a segmentation bundle")
     _check_classes(model, tuple(stages))
-    try:
-        memory = MemoryProfile.from_manifest(data.get("memory"))
-    except BundleError as exc:
-        raise ManifestError("memory", data.get("memory"), "fixed_bytes and per_tile_bytes, positive ints",
-                            "re-export the bundle to measure it again") from exc
+    memory = _memory(data.get("memory"))
     calibration = data.get("calibration") or {}
     if not isinstance(calibration, dict):
         raise _fail("calibration", calibration, "a JSON object per precision or null")
@@ -470,10 +495,7 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
 
 def _load_json(path: Path) -> Any:
     try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(MANIFEST, f"{size} bytes", f"at most {MAX_MANIFEST_BYTES} bytes")
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_regular_file(path, MAX_MANIFEST_BYTES, _refuse_manifest(path)).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from exc
     except RecursionError as exc:
@@ -486,7 +508,7 @@ def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manife
     if not root.is_dir():
         raise BundleError(f"bundle {str(root)!r} is not a directory; expected a folder written by `edgederm export`")
     path = root / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BundleError(f"{str(root)!r} has no {MANIFEST}: not a bundle, or an export that did not finish")
     manifest = parse_manifest(_load_json(path), root)
     verified: dict[str, str] = {}

@@ -57,3 +57,15 @@ class MissingDependencyError(EdgeDermError, ImportError):
 
 class MemoryBudgetError(EdgeDermError):
     """The requested memory budget cannot be met by the model and tile plan."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image's header declares more pixels than the cap or the memory budget allows.
+
+    Raised before decoding; ``width``, ``height`` and ``decode_bytes`` are what the
+    header declared and what decoding it would have taken.
+    """
+
+    def __init__(self, path: object, problem: str, fix: str, width: int, height: int, decode_bytes: int) -> None:
+        super().__init__(path, problem, fix)
+        self.width, self.height, self.decode_bytes = width, height, decode_bytes

@@ -10,9 +10,23 @@ escapes.
 
 Decisions:
 
-- Files are read with ``np.fromfile`` and decoded with ``cv2.imdecode`` rather than
-  ``cv2.imread``, so paths with non-ASCII characters work on every platform and an
-  empty or unreadable file gets its own message.
+- Files are read by ``runtime/files.py`` (regular files only, size checked before
+  reading, never blocking) and decoded with ``cv2.imdecode`` rather than
+  ``cv2.imread``, so paths with non-ASCII characters work on every platform and a
+  pipe, a device, a link loop or an empty file each get their own message. No
+  message shows a file's bytes: the file may be a link to a secret.
+- The size is read from the header (PNG IHDR, JPEG start of frame, TIFF IFD0, BMP
+  info header, WebP VP8/VP8L/VP8X) before decoding and checked against a pixel cap
+  and, when given, the bytes the decode may take (:func:`decode_bytes_needed`). An
+  image over either is decoded at 1/2, 1/4 or 1/8 size with OpenCV's reduced modes
+  when the caller's model works at that scale anyway; otherwise it is refused with
+  :class:`ImageTooLargeError` and the numbers. JPEG is reduced inside libjpeg (a
+  1/8 decode takes 1/64 of the memory); the other formats are decoded whole and then
+  resized, so for them only the cap on the result is relieved, not the memory. A
+  file of a supported format whose header gives no size is refused: its decoder
+  would need one, and the cap could not apply.
+- A reduced decode reads colour at 8 bits (OpenCV's reduced modes), so 16-bit
+  images are then reduced by OpenCV's truncation rather than the rounding below.
 - Decoding uses ``cv2.IMREAD_UNCHANGED`` so the true channel count and bit depth
   are seen (and reported when unsupported). That flag makes OpenCV skip the EXIF
   orientation, so the orientation tag of JPEG files is parsed here (a small APP1 /
@@ -33,19 +47,38 @@ Decisions:
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
+from dataclasses import dataclass
 from typing import Callable, NoReturn
 
 import cv2
 import numpy as np
 
-from .errors import ImageDecodeError, InputError
+from .errors import ImageDecodeError, ImageTooLargeError, InputError
+from .files import read_regular_file, regular_file_size
 
-__all__ = ["read_image", "decode_image", "as_rgb_uint8", "SUPPORTED_FORMATS"]
+__all__ = [
+    "read_image", "read_image_within", "decode_image", "as_rgb_uint8", "read_header", "ImageHeader", "DecodedImage",
+    "SUPPORTED_FORMATS", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_FILE_BYTES",
+]
 
 #: What the fix of a decode error recommends; OpenCV may decode a few more.
 SUPPORTED_FORMATS = "JPEG (.jpg/.jpeg), PNG, TIFF, BMP or WebP"
+
+#: Pixels an image may declare before it is refused (or decoded at reduced size).
+#: 100 MP is above any dermatoscope or phone camera and far below a decompression bomb.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+#: Largest image file read; an uncompressed 100 MP 16-bit RGB TIFF is 600 MB.
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+
+# Decoding at 1/2, 1/4, 1/8 of the size: the factors OpenCV's IMREAD_REDUCED_* offer.
+_REDUCTIONS = {1: cv2.IMREAD_UNCHANGED,
+               2: cv2.IMREAD_REDUCED_COLOR_2 | cv2.IMREAD_IGNORE_ORIENTATION,
+               4: cv2.IMREAD_REDUCED_COLOR_4 | cv2.IMREAD_IGNORE_ORIENTATION,
+               8: cv2.IMREAD_REDUCED_COLOR_8 | cv2.IMREAD_IGNORE_ORIENTATION}
 
 # Leading bytes of the formats named in SUPPORTED_FORMATS, to tell "corrupt PNG"
 # from "not an image at all".
@@ -58,36 +91,99 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 
 _EXIF_ORIENTATION_TAG = 0x0112
+_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_SAMPLES = 256, 257, 258, 277
+
+# PIL modes whose raw array is not pixels in RGB(A)/gray order (palette indices,
+# ink amounts, other colour spaces): PIL itself converts them to RGB.
+_PIL_CONVERT_TO_RGB = ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGBX", "RGBa", "La")
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file declares before any pixel is decoded."""
+
+    kind: str
+    width: int
+    height: int
+    channels: int
+    bytes_per_sample: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image read for a model: the pixels, the size the file declared and the reduction used."""
+
+    image: np.ndarray
+    width: int
+    height: int
+    reduction: int = 1
+
+    @property
+    def note(self) -> str | None:
+        if self.reduction == 1:
+            return None
+        h, w = self.image.shape[:2]
+        return (f"image {self.width}x{self.height} decoded at 1/{self.reduction} size ({w}x{h}) to fit the pixel cap "
+                "or memory budget; the model works at a smaller scale, and masks and heatmaps are at the decoded size")
 
 
 # --------------------------------------------------------------------------- public
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               budget_bytes: int | None = None) -> np.ndarray:
     """Read an image file as a C-contiguous HxWx3 uint8 RGB array.
 
     Honours the EXIF orientation of JPEG files. Raises :class:`ImageDecodeError`
-    (naming the file) when the file is missing, a directory, empty, truncated, not
-    an image, or has a pixel layout the runtime cannot use.
+    (naming the file) when the path is missing, a directory, a pipe or device,
+    empty, truncated, not an image, or has a pixel layout the runtime cannot use;
+    :class:`ImageTooLargeError` before decoding when the header declares more than
+    ``max_pixels`` pixels or a decode that would need more than ``budget_bytes``.
+    """
+    return read_image_within(path, max_pixels=max_pixels, budget_bytes=budget_bytes).image
+
+
+def read_image_within(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      budget_bytes: int | None = None, working_max_side: int | None = None,
+                      max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> DecodedImage:
+    """Read an image for a model that works at ``working_max_side`` px on its longer side.
+
+    The header's size is checked before decoding. An image over ``max_pixels`` or
+    whose decode would need more than ``budget_bytes`` is decoded at 1/2, 1/4 or
+    1/8 of its size (OpenCV's reduced decoding) when the reduced image still has
+    at least ``working_max_side`` px on its longer side; otherwise it is refused
+    with :class:`ImageTooLargeError` giving the numbers. ``None`` (a model that
+    works at full resolution) never reduces.
     """
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise ImageDecodeError(
-            name, "file does not exist", f"check the path (working directory: {os.getcwd()!r})"
-        )
-    if os.path.isdir(name):
-        raise ImageDecodeError(name, "path is a directory, not an image file", "pass the path of one image file")
-    try:
-        data = np.fromfile(name, dtype=np.uint8)
-    except OSError as exc:
-        raise ImageDecodeError(name, f"file cannot be read ({exc.strerror or exc})", "check the file's permissions") from exc
-    return _decode(data, name)
+
+    def refuse(problem: str, fix: str) -> NoReturn:
+        raise ImageDecodeError(name, problem, fix)
+
+    data = read_regular_file(name, max_file_bytes, refuse)
+    return _decode(np.frombuffer(data, dtype=np.uint8), name, max_pixels, budget_bytes, working_max_side)
 
 
-def decode_image(data: bytes | bytearray | memoryview, name: str = "<bytes>") -> np.ndarray:
+def image_file_size(path: str | os.PathLike[str]) -> int:
+    """Bytes of image file ``path``, refusing what :func:`read_image` refuses (pipes, devices, ...)."""
+    name = os.fspath(path)
+
+    def refuse(problem: str, fix: str) -> NoReturn:
+        raise ImageDecodeError(name, problem, fix)
+
+    return regular_file_size(name, refuse, DEFAULT_MAX_FILE_BYTES)
+
+
+def decode_image(data: bytes | bytearray | memoryview, name: str = "<bytes>", *,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, budget_bytes: int | None = None) -> np.ndarray:
     """Decode encoded image bytes (JPEG, PNG, ...) as HxWx3 uint8 RGB.
 
     ``name`` is only used in error messages (say, the file name a camera reported).
+    The pixel cap and budget apply as in :func:`read_image`.
     """
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 1:
@@ -105,7 +201,7 @@ def decode_image(data: bytes | bytearray | memoryview, name: str = "<bytes>") ->
             f"received {type(data).__name__}; expected bytes of an encoded image",
             "pass open(path, 'rb').read() or use read_image(path)",
         )
-    return _decode(buffer, name)
+    return _decode(buffer, name, max_pixels, budget_bytes, None).image
 
 
 def as_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
@@ -118,11 +214,14 @@ def as_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
     keeps the gray, HxWx4 drops alpha, uint16 is scaled to 0..255. Float, bool and
     other integer arrays are refused with :class:`InputError`: guessing whether a
     float image is on a 0..1 or 0..255 scale would silently change what the model
-    sees.
+    sees. A PIL image is converted by PIL when its raw array is not RGB(A) or gray
+    (CMYK, palette, YCbCr, ...); PIL is never imported here.
     """
     if not isinstance(image, np.ndarray):
-        if hasattr(image, "__array_interface__") or hasattr(image, "__array__"):
-            image = np.asarray(image)  # e.g. a PIL image
+        if _is_pil_image(image):
+            image = _pil_to_array(image, name)
+        elif hasattr(image, "__array_interface__") or hasattr(image, "__array__"):
+            image = np.asarray(image)
         else:
             raise InputError(
                 f"{name}: received {type(image).__name__}; expected a numpy array of shape "
@@ -132,6 +231,9 @@ def as_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
     received = f"received shape {array.shape}, dtype {array.dtype}"
     expected = "expected HxWx3 uint8 RGB (HxW gray, HxWx4 RGBA and uint16 are converted)"
 
+    if array.dtype.hasobject or array.dtype.fields is not None:
+        raise InputError(f"{name}: {received}; {expected}. Fix: build the image as a numeric array "
+                         "(np.asarray(x, dtype=np.uint8))")
     if array.ndim not in (2, 3):
         raise InputError(f"{name}: {received}; {expected}. An image has 2 or 3 dimensions; "
                          "for a batch, pass the images one by one")
@@ -142,6 +244,10 @@ def as_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
                          "fix: (mask * 255).astype(np.uint8) if you mean black/white")
     if np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.complexfloating):
         raise InputError(_float_message(array, name, received))
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{name}: {received}; {expected}")
+    if array.dtype.kind == "u" and array.dtype.itemsize in (1, 2) and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # big-endian 16-bit (PIL "I;16B", FITS, ...)
     if array.dtype not in (np.uint8, np.uint16):
         lo, hi = int(array.min()), int(array.max())
         fix = ("fix: x.astype(np.uint8)" if 0 <= lo and hi <= 255
@@ -157,38 +263,61 @@ def as_rgb_uint8(image: object, name: str = "image") -> np.ndarray:
         raise InputError(f"{name}: {received}; OpenCV failed converting it ({_first_line(exc)})") from exc
 
 
+def _is_pil_image(image: object) -> bool:
+    """Duck-typed, so the runtime does not import PIL to recognise its images."""
+    return (isinstance(getattr(image, "mode", None), str) and callable(getattr(image, "convert", None))
+            and hasattr(image, "size") and hasattr(image, "__array_interface__"))
+
+
+def _pil_to_array(image: object, name: str) -> np.ndarray:
+    mode: str = getattr(image, "mode")
+    if mode in _PIL_CONVERT_TO_RGB:
+        try:
+            image = image.convert("RGB")  # type: ignore[attr-defined]
+        except Exception as exc:  # a PIL error class cannot be named without importing PIL
+            raise InputError(f"{name}: a PIL image in mode {mode!r} could not be converted to RGB ({exc}); "
+                             "fix: convert it yourself, image.convert('RGB')") from exc
+    return np.asarray(image)
+
+
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(data: np.ndarray, name: str) -> np.ndarray:
+def _decode(data: np.ndarray, name: str, max_pixels: int, budget_bytes: int | None,
+            working_max_side: int | None) -> DecodedImage:
     if data.size == 0:
         raise ImageDecodeError(name, "file is empty (0 bytes)", "re-copy or re-export the image")
     head = data[:16].tobytes()
     kind = _sniff(head)
 
     orientation = 1
+    header: ImageHeader | None
     if kind == "JPEG":
-        raw = data.tobytes()
-        orientation, complete = _jpeg_orientation_and_completeness(raw)
-        if not complete:
+        jpeg = _scan_jpeg(data.tobytes())
+        orientation, header = jpeg.orientation, jpeg.header
+        if not jpeg.complete:
             raise ImageDecodeError(
                 name,
                 f"truncated JPEG ({data.size} bytes, no end-of-image marker FFD9 after the image data)",
                 "the file was cut short (interrupted transfer or write); copy or export it again",
             )
+    else:
+        header = read_header(data[:64].tobytes()) if kind != "TIFF" else _tiff_header(data.tobytes())
+    if kind is not None and (header is None or header.pixels == 0):
+        # Every decoder of these formats needs the size first; without it the pixel cap could not apply.
+        problem = "no image size in it" if header is None else f"it declares {header.width}x{header.height} pixels"
+        raise ImageDecodeError(name, f"corrupt {kind} header: {problem}", f"export the image again as {SUPPORTED_FORMATS}")
+    reduction = _choose_reduction(header, data.size, name, max_pixels, budget_bytes, working_max_side)
 
     try:
-        decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        decoded = cv2.imdecode(data, _REDUCTIONS[reduction])
     except cv2.error as exc:
         raise ImageDecodeError(name, f"OpenCV could not decode it ({_first_line(exc)})",
                                f"re-export it as {SUPPORTED_FORMATS}") from exc
     if decoded is None:
         if kind is None:
-            raise ImageDecodeError(
-                name,
-                f"not a decodable image (first bytes {_describe_bytes(head)})",
-                f"supported formats: {SUPPORTED_FORMATS}",
-            )
+            raise ImageDecodeError(name, f"not a decodable image ({_describe_bytes(head)})",
+                                   f"supported formats: {SUPPORTED_FORMATS}")
         raise ImageDecodeError(
             name,
             f"corrupt or truncated {kind} data ({data.size} bytes) that OpenCV could not decode",
@@ -199,10 +328,127 @@ def _decode(data: np.ndarray, name: str) -> np.ndarray:
         raise ImageDecodeError(name, f"decoded to shape {decoded.shape}, dtype {decoded.dtype}: {problem}")
 
     try:
-        rgb = _to_rgb_uint8(decoded, bgr_order=True, fail=fail)
-        return _apply_orientation(rgb, orientation)
+        rgb = _apply_orientation(_to_rgb_uint8(decoded, bgr_order=True, fail=fail), orientation)
     except cv2.error as exc:
         raise ImageDecodeError(name, f"OpenCV failed converting the pixels ({_first_line(exc)})") from exc
+    if header is None and rgb.shape[0] * rgb.shape[1] > max_pixels:
+        # A format outside SUPPORTED_FORMATS (OpenCV reads a few more): its size is known only now.
+        raise ImageTooLargeError(name, f"decoded to {rgb.shape[1]}x{rgb.shape[0]} pixels, over the cap of "
+                                 f"{max_pixels} pixels", f"re-export it as {SUPPORTED_FORMATS} at a smaller size",
+                                 rgb.shape[1], rgb.shape[0], rgb.nbytes)
+    width, height = (header.width, header.height) if header else (rgb.shape[1], rgb.shape[0])
+    return DecodedImage(rgb, width, height, reduction)
+
+
+def decode_bytes_needed(header: ImageHeader, reduction: int, file_bytes: int) -> int:
+    """Bytes decoding takes at its peak: the file, the decoder's output and its copy, the RGB result.
+
+    Measured with OpenCV 4.x/5.x: a full decode peaks near twice the decoded size
+    (the codec's buffer and the returned array). JPEG decodes at reduced size
+    inside libjpeg; other formats are decoded whole, as colour, then resized.
+    """
+    full = header.pixels * header.channels * header.bytes_per_sample
+    out = math.ceil(header.width / reduction) * math.ceil(header.height / reduction) * 3
+    if reduction == 1:
+        return file_bytes + 2 * full + out
+    if header.kind == "JPEG":
+        return file_bytes + 3 * out
+    return file_bytes + header.pixels * 3 * header.bytes_per_sample + 2 * out
+
+
+def _choose_reduction(header: ImageHeader | None, file_bytes: int, name: str, max_pixels: int,
+                      budget_bytes: int | None, working_max_side: int | None) -> int:
+    """1 when the image fits; else the smallest reduction that fits and keeps the working scale."""
+    if header is None:
+        return 1  # a format without a parsed header: OpenCV's own pixel limit applies
+    smallest = 1
+    for reduction in _REDUCTIONS:
+        if reduction > 1 and (working_max_side is None
+                              or math.ceil(max(header.width, header.height) / reduction) < working_max_side):
+            break
+        smallest = reduction
+        decoded_pixels = header.pixels if reduction == 1 or header.kind != "JPEG" else \
+            math.ceil(header.width / reduction) * math.ceil(header.height / reduction)
+        need = decode_bytes_needed(header, reduction, file_bytes)
+        if decoded_pixels <= max_pixels and (budget_bytes is None or need <= budget_bytes):
+            return reduction
+    need = decode_bytes_needed(header, 1, file_bytes)
+    limits = [f"the cap of {max_pixels} pixels" if header.pixels > max_pixels else ""]
+    if budget_bytes is not None and need > budget_bytes:
+        limits.append(f"the decode budget of {budget_bytes} bytes ({budget_bytes / 2**20:.0f} MiB)")
+    over = " and ".join(x for x in limits if x) or "the limits"
+    if working_max_side is None:
+        scale = "the model works at full resolution, so it cannot be decoded at reduced size"
+    elif smallest == max(_REDUCTIONS):
+        scale = "decoded at 1/8 size it would not fit either" + (
+            "" if header.kind == "JPEG" else f" ({header.kind} is decoded whole before it is reduced)")
+    elif smallest == 1:
+        scale = f"decoded at 1/2 size it would be under the {working_max_side} px a side the model works at"
+    else:
+        scale = (f"decoded at 1/{smallest} size it would not fit either, and any smaller it would be under the "
+                 f"{working_max_side} px a side the model works at")
+    raise ImageTooLargeError(
+        name,
+        f"the {header.kind} header declares {header.width}x{header.height} pixels ({header.pixels / 1e6:.0f} MP, "
+        f"{header.channels} channels), which would take {need} bytes ({need / 2**20:.0f} MiB) to decode: over "
+        f"{over}; {scale}",
+        f"downscale the image before sending it (at most {math.isqrt(max_pixels)} px a side), or raise "
+        "max_pixels / memory_budget if this size is genuine",
+        header.width, header.height, need,
+    )
+
+
+def read_header(head: bytes) -> ImageHeader | None:
+    """Size, channels and sample size from the first bytes of a PNG, BMP, WebP, JPEG or TIFF file.
+
+    None when the format is not recognised or the header is cut short. JPEG and
+    TIFF may need more than the first bytes: pass the whole file for them.
+    """
+    try:
+        if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+            width, height, depth, colour = struct.unpack_from(">IIBB", head, 16)
+            channels = {0: 1, 2: 3, 3: 4, 4: 2, 6: 4}.get(colour, 4)
+            return ImageHeader("PNG", width, height, channels, 2 if depth > 8 else 1)
+        if head.startswith(b"BM"):
+            (info_size,) = struct.unpack_from("<I", head, 14)
+            if info_size == 12:
+                width, height, _, bits = struct.unpack_from("<HHHH", head, 18)
+            else:
+                width, height, _, bits = struct.unpack_from("<iiHH", head, 18)
+            return ImageHeader("BMP", abs(width), abs(height), 4 if bits == 32 else 3, 1)
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return _webp_header(head)
+        if head.startswith(b"\xff\xd8\xff"):
+            return _scan_jpeg(head).header
+        if head[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_header(head)
+    except struct.error:
+        return None
+    return None
+
+
+def _webp_header(head: bytes) -> ImageHeader | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack_from("<HH", head, 26)
+        return ImageHeader("WebP", width & 0x3FFF, height & 0x3FFF, 3, 1)
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        (bits,) = struct.unpack_from("<I", head, 21)
+        return ImageHeader("WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, 4, 1)
+    if chunk == b"VP8X":
+        width = int.from_bytes(head[24:27], "little") + 1
+        height = int.from_bytes(head[27:30], "little") + 1
+        return ImageHeader("WebP", width, height, 4 if head[20] & 0x10 else 3, 1)
+    return None
+
+
+def _tiff_header(tiff: bytes) -> ImageHeader | None:
+    tags = _tiff_tags(tiff, (_TIFF_WIDTH, _TIFF_HEIGHT, _TIFF_BITS, _TIFF_SAMPLES))
+    if _TIFF_WIDTH not in tags or _TIFF_HEIGHT not in tags:
+        return None
+    bits = tags.get(_TIFF_BITS, 8)
+    return ImageHeader("TIFF", tags[_TIFF_WIDTH], tags[_TIFF_HEIGHT], max(1, min(tags.get(_TIFF_SAMPLES, 1), 4)),
+                       1 if bits <= 8 else 2 if bits <= 16 else 4)
 
 
 def _sniff(head: bytes) -> str | None:
@@ -215,9 +461,12 @@ def _sniff(head: bytes) -> str | None:
 
 
 def _describe_bytes(head: bytes) -> str:
-    shown = head[:8]
-    text = "".join(chr(b) if 32 <= b < 127 else "." for b in shown)
-    return f"{shown.hex(' ')} {text!r}"
+    # The bytes themselves are never shown: the file may be a link to a secret, and
+    # the message may travel to a remote client or a log.
+    printable = sum(1 for b in head if 32 <= b < 127 or b in (9, 10, 13))
+    if head and printable == len(head):
+        return "it looks like text"
+    return "no JPEG, PNG, TIFF, BMP or WebP signature at its start"
 
 
 def _first_line(exc: Exception) -> str:
@@ -289,24 +538,33 @@ def _float_message(array: np.ndarray, name: str, received: str) -> str:
     return message
 
 
-# --------------------------------------------------------------------------- EXIF
+# --------------------------------------------------------------------------- JPEG and TIFF structure
 
 
-def _jpeg_orientation_and_completeness(data: bytes) -> tuple[int, bool]:
+@dataclass(frozen=True)
+class _JpegScan:
+    orientation: int
+    complete: bool
+    header: ImageHeader | None
+
+
+def _scan_jpeg(data: bytes) -> _JpegScan:
     """Walk the JPEG marker segments up to the first scan.
 
     Returns the EXIF orientation (1..8, 1 when absent or malformed: a broken tag
-    must not make a good photo unreadable) and whether an end-of-image marker follows
-    the scan data. Inside entropy-coded data every 0xFF byte is stuffed (FF00) or a
-    restart marker (FFD0-FFD7), so FFD9 after the start of scan is the real end;
-    searching only after the scan start ignores the FFD9 of an EXIF thumbnail.
+    must not make a good photo unreadable), whether an end-of-image marker follows
+    the scan data, and the size of the start-of-frame segment. Inside entropy-coded
+    data every 0xFF byte is stuffed (FF00) or a restart marker (FFD0-FFD7), so FFD9
+    after the start of scan is the real end; searching only after the scan start
+    ignores the FFD9 of an EXIF thumbnail.
     """
     orientation = 1
+    header: ImageHeader | None = None
     offset = 2
     size = len(data)
     while offset + 4 <= size:
         if data[offset] != 0xFF:
-            return orientation, False  # broken segment structure; let the decoder judge
+            return _JpegScan(orientation, False, header)  # broken segment structure; let the decoder judge
         marker = data[offset + 1]
         if marker == 0xFF:  # fill byte
             offset += 1
@@ -315,47 +573,55 @@ def _jpeg_orientation_and_completeness(data: bytes) -> tuple[int, bool]:
             offset += 2
             continue
         if marker == 0xD9:  # end of image before any scan
-            return orientation, False
+            return _JpegScan(orientation, False, header)
         length = struct.unpack_from(">H", data, offset + 2)[0]
         if length < 2:
-            return orientation, False
+            return _JpegScan(orientation, False, header)
         if marker == 0xDA:  # start of scan
-            return orientation, data.find(b"\xff\xd9", offset + 2 + length) != -1
+            return _JpegScan(orientation, data.find(b"\xff\xd9", offset + 2 + length) != -1, header)
         segment = data[offset + 4: offset + 2 + length]
+        # Start of frame: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and header is None and len(segment) >= 6:
+            precision, height, width, components = struct.unpack_from(">BHHB", segment)
+            header = ImageHeader("JPEG", width, height, 1 if components == 1 else 3, 2 if precision > 8 else 1)
         if marker == 0xE1 and orientation == 1 and segment.startswith(b"Exif\x00\x00"):
-            orientation = _tiff_orientation(segment[6:])
+            orientation = _tiff_tags(segment[6:], (_EXIF_ORIENTATION_TAG,)).get(_EXIF_ORIENTATION_TAG, 1)
+            orientation = orientation if 1 <= orientation <= 8 else 1
         offset += 2 + length
-    return orientation, False
+    return _JpegScan(orientation, False, header)
 
 
-def _tiff_orientation(tiff: bytes) -> int:
-    """Orientation tag (0x0112) of IFD0 of a TIFF structure; 1 when absent or invalid."""
+def _tiff_tags(tiff: bytes, wanted: tuple[int, ...]) -> dict[int, int]:
+    """The first value of each ``wanted`` SHORT/LONG tag of IFD0 of a TIFF structure.
+
+    Tags that are absent, of another type, or malformed are left out: a broken tag
+    must not make a readable image unreadable.
+    """
+    found: dict[int, int] = {}
     try:
         if tiff[:2] == b"II":
             order = "<"
         elif tiff[:2] == b"MM":
             order = ">"
         else:
-            return 1
+            return found
         magic, ifd_offset = struct.unpack_from(order + "HI", tiff, 2)
         if magic != 42:
-            return 1
+            return found
         (count,) = struct.unpack_from(order + "H", tiff, ifd_offset)
         for i in range(count):
             entry = ifd_offset + 2 + 12 * i
             tag, value_type, n_values = struct.unpack_from(order + "HHI", tiff, entry)
-            if tag != _EXIF_ORIENTATION_TAG or n_values < 1:
+            if tag not in wanted or n_values < 1 or value_type not in (3, 4):
                 continue
-            if value_type == 3:  # SHORT, stored left-aligned in the 4-byte value field
-                (value,) = struct.unpack_from(order + "H", tiff, entry + 8)
-            elif value_type == 4:  # LONG, written by a few tools
-                (value,) = struct.unpack_from(order + "I", tiff, entry + 8)
-            else:
-                return 1
-            return int(value) if 1 <= value <= 8 else 1
+            item = "H" if value_type == 3 else "I"  # SHORT, or LONG (written by a few tools)
+            where = entry + 8
+            if n_values * struct.calcsize(item) > 4:  # values stored elsewhere; the field is their offset
+                (where,) = struct.unpack_from(order + "I", tiff, entry + 8)
+            (found[tag],) = struct.unpack_from(order + item, tiff, where)
     except struct.error:
-        return 1
-    return 1
+        pass
+    return found
 
 
 def _apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:

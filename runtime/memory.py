@@ -39,13 +39,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import BundleError, InputError, MemoryBudgetError
-
-if TYPE_CHECKING:
-    from .bundle import Manifest
+from .bundle import Manifest, MemoryProfile
+from .errors import InputError, MemoryBudgetError
 
 __all__ = [
     "MARGIN_FRACTION", "MAX_TILE_BATCH", "MemoryProfile", "MemoryPlan", "parse_size", "format_size",
@@ -106,32 +104,6 @@ def format_size(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
-
-
-@dataclass(frozen=True)
-class MemoryProfile:
-    """What export measured: process peak = ``fixed_bytes + per_tile_bytes x batch``."""
-
-    fixed_bytes: int
-    per_tile_bytes: int
-    measured_on: dict[str, Any] = field(default_factory=dict)
-    stage: str = ""  # the stage whose batch the slope belongs to (tiles or windows)
-
-    @classmethod
-    def from_manifest(cls, data: Mapping[str, Any] | None) -> MemoryProfile | None:
-        if not data:
-            return None
-        try:
-            fixed, slope = int(data["fixed_bytes"]), int(data["per_tile_bytes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(
-                f"manifest 'memory' section {dict(data)!r} lacks integer fixed_bytes/per_tile_bytes ({exc}); "
-                "re-export the bundle (edgederm export) to measure it again"
-            ) from exc
-        if fixed <= 0 or slope <= 0:
-            raise BundleError(f"manifest 'memory' section has fixed_bytes={fixed}, per_tile_bytes={slope}; "
-                              "both must be positive. Re-export the bundle")
-        return cls(fixed, slope, dict(data.get("measured_on") or {}), str(data.get("stage", "")))
 
 
 @dataclass(frozen=True)

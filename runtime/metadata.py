@@ -4,14 +4,18 @@ Encodings are data, not code: a schema (JSON) lists the fields. A categorical fi
 is one-hot over its categories plus one slot for "missing"; a numeric field is two
 values, the value scaled to [0, 1] by its range and a missing flag. A missing or
 None value is its own category, never a crash; an unknown category is an error that
-names the field and the allowed values. Schemas ship in ``edgederm/data/schemas``
-and travel inside the bundle's manifest, so the device encodes exactly as training did.
+names the field and the allowed values. The bundled schemas ship inside this package
+(``edgederm/runtime/schemas``, read with ``importlib.resources``, so they are found in a
+wheel or a zip alike) and travel inside the bundle's manifest, so the device encodes
+exactly as training did.
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,8 +23,32 @@ import numpy as np
 
 from .errors import InputError
 
-# Not resolved: in the repo and in a wheel alike, edgederm/runtime/../data/schemas.
-SCHEMA_DIR = Path(__file__).parent.parent / "data" / "schemas"
+SCHEMAS = resources.files("edgederm.runtime") / "schemas"
+
+
+def is_non_finite_number(value: object) -> bool:
+    """True for a NaN or infinite number of any kind: Python, numpy scalar (float16..longdouble,
+    complex), 0-d array, Decimal. ``np.float32`` is not a ``float``, so an isinstance test
+    on ``float`` alone lets its NaN through."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        return False
+    if isinstance(value, np.ndarray):
+        if value.ndim != 0 or value.dtype.kind not in "fc":
+            return False
+        value = value[()]
+    if not isinstance(value, (numbers.Number, np.generic)):
+        return False
+    try:
+        number = complex(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return not (math.isfinite(number.real) and math.isfinite(number.imag))
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a caller's megabyte string stays out of messages."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -57,11 +85,15 @@ class MetadataSchema:
         known = {f["name"] for f in self.fields}
         unknown = set(metadata) - known
         if unknown:
-            raise InputError(f"metadata fields {sorted(unknown)} are not in schema {self.name!r}; expected some of {sorted(known)}")
+            names = sorted(shown(k) for k in unknown)
+            raise InputError(f"metadata fields {', '.join(names[:10])}{' ...' if len(names) > 10 else ''} are not in "
+                             f"schema {self.name!r}; expected some of {sorted(known)}")
         out: list[float] = []
         for f in self.fields:
             value = metadata.get(f["name"])
-            missing = value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+            # NaN is how tables (pandas, CSV readers) write "unknown"; any NaN, not only float's.
+            missing = value is None or (isinstance(value, str) and value == "") or (
+                is_non_finite_number(value) and _is_nan(value))
             if f["type"] == "categorical":
                 categories = [str(c) for c in f["categories"]]
                 slots = [0.0] * (len(categories) + 1)
@@ -70,9 +102,9 @@ class MetadataSchema:
                 else:
                     key = str(value).strip().lower()
                     lowered = [c.lower() for c in categories]
-                    if key not in lowered:
+                    if not isinstance(value, (str, numbers.Number, np.generic)) or key not in lowered:
                         raise InputError(
-                            f"metadata field {f['name']!r} has value {value!r}; allowed: {categories} "
+                            f"metadata field {f['name']!r} has value {shown(value)}; allowed: {categories} "
                             "(or leave it out / None when unknown)"
                         )
                     slots[lowered.index(key)] = 1.0
@@ -82,9 +114,12 @@ class MetadataSchema:
                     out += [0.0, 1.0]
                     continue
                 try:
+                    if isinstance(value, bytes) or (isinstance(value, np.ndarray) and value.ndim):
+                        raise TypeError  # float() would read b"5" and a one-element array as numbers
                     number = float(value)
-                except (TypeError, ValueError):
-                    raise InputError(f"metadata field {f['name']!r} must be a number; got {value!r}") from None
+                except (TypeError, ValueError, OverflowError):
+                    raise InputError(f"metadata field {f['name']!r} must be a number; got {shown(value)} "
+                                     f"({type(value).__name__})") from None
                 if not math.isfinite(number):
                     raise InputError(f"metadata field {f['name']!r} is {number}; expected a finite number or None")
                 lo, hi = float(f.get("min", 0.0)), float(f.get("max", 1.0))
@@ -101,6 +136,14 @@ class MetadataSchema:
         return np.stack([self.encode(r) for r in records]) if records else np.zeros((0, self.dim), np.float32)
 
 
+def _is_nan(value: Any) -> bool:
+    try:
+        number = complex(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return math.isnan(number.real) or math.isnan(number.imag)
+
+
 def load_schema(schema: str | Mapping[str, Any] | MetadataSchema) -> MetadataSchema:
     """A schema object, a dict, a JSON file path, or the name of a bundled schema."""
     if isinstance(schema, MetadataSchema):
@@ -108,9 +151,14 @@ def load_schema(schema: str | Mapping[str, Any] | MetadataSchema) -> MetadataSch
     if isinstance(schema, Mapping):
         return MetadataSchema.from_dict(schema)
     path = Path(schema)
-    if not path.is_file():
-        path = SCHEMA_DIR / f"{schema}.json"
-    if not path.is_file():
-        available = sorted(p.stem for p in SCHEMA_DIR.glob("*.json"))
-        raise InputError(f"metadata schema {schema!r} is neither a file nor a bundled schema; bundled: {available}")
-    return MetadataSchema.from_dict(json.loads(path.read_text()))
+    if path.is_file():
+        return MetadataSchema.from_dict(json.loads(path.read_text()))
+    bundled = bundled_schemas()
+    if str(schema) not in bundled:
+        raise InputError(f"metadata schema {schema!r} is neither a file nor a bundled schema; bundled: {bundled}")
+    return MetadataSchema.from_dict(json.loads((SCHEMAS / f"{schema}.json").read_text()))
+
+
+def bundled_schemas() -> list[str]:
+    """Names of the schemas that ship with the runtime (``load_schema(name)`` reads them)."""
+    return sorted(p.name[:-len(".json")] for p in SCHEMAS.iterdir() if p.name.endswith(".json"))

@@ -39,7 +39,7 @@ import numpy as np
 from .backends.base import Backend
 from .bundle import Clinical, Manifest, read_manifest, resolve_inside
 from .errors import BundleError, InputError, MissingDependencyError
-from .imageio import as_rgb_uint8, read_image
+from .imageio import DEFAULT_MAX_PIXELS, as_rgb_uint8, read_image_within
 from .memory import MemoryPlan, parse_size, plan
 from .pipeline import Pipeline, Request
 from .probabilities import softmax
@@ -61,6 +61,9 @@ class DeployedModel:
     ``precision`` (the quantizer evaluates candidate graphs this way); they are not
     in the manifest, so they bypass the optimised-graph cache.
     """
+
+    #: Pixels an image file may declare in ``predict_file`` (larger: reduced decoding or a refusal).
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
     def __init__(self, manifest: Manifest, backend: str = "auto", precision: str = "auto",
                  threads: int | None = None, memory_budget: int | str | None = None,
@@ -160,14 +163,43 @@ class DeployedModel:
     def tile_size(self) -> int:
         return self.manifest.tile_size
 
+    def _working_max_side(self) -> int | None:
+        """The longest image side the model needs; None when it works at full resolution.
+
+        A segmenter with ``tiling.working_max_side`` rescales to it. A classifier resizes
+        the whole image to its input (or window grid) size and refuses aspect ratios over
+        MAX_ASPECT_RATIO, so a longer side of that ratio times the input side keeps the
+        shorter side at least the input side whatever the resize policy.
+        """
+        tiling = self.manifest.tiling
+        if self.task == "segment":
+            return tiling.working_max_side
+        if self.preprocess_config.resize == "none":
+            return None
+        sides = [max(self.preprocess_config.input_size)]
+        if tiling.window is not None and tiling.grid is not None:
+            sides += [tiling.window * n for n in tiling.grid]
+        for stage in self.manifest.stages:
+            for spec in stage.inputs:
+                if spec.source in ("dermoscopy", "clinical"):
+                    sides += [d for d in spec.shape[2:4] if isinstance(d, int)]
+        return int(math.ceil(max(sides) * MAX_ASPECT_RATIO))
+
     # -- public API -----------------------------------------------------------------
     def predict_file(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None,
                      clinical: str | os.PathLike[str] | None = None,
                      progress: Callable[[int, int], None] | None = None) -> Result:
         start = time.perf_counter()
-        image = read_image(path)
-        clinical_image = read_image(clinical) if clinical is not None else None
-        result = self.predict(dermoscopy=image, clinical=clinical_image, metadata=metadata, progress=progress)
+        budget = self.memory_budget_bytes
+        profile = self.manifest.memory
+        if budget is not None and profile is not None and budget > profile.fixed_bytes:
+            budget -= profile.fixed_bytes  # what the loaded model leaves for decoding
+        decoded = [read_image_within(p, max_pixels=self.max_image_pixels, budget_bytes=budget,
+                                     working_max_side=self._working_max_side()) if p is not None else None
+                   for p in (path, clinical)]
+        result = self.predict(dermoscopy=decoded[0].image if decoded[0] else None,
+                              clinical=decoded[1].image if decoded[1] else None, metadata=metadata, progress=progress)
+        result.notes += [d.note for d in decoded if d is not None and d.note]
         result.timings = {"decode": (time.perf_counter() - start) * 1000 - result.timings.get("total", 0.0), **result.timings}
         return result
 
@@ -234,10 +266,12 @@ class DeployedModel:
             return
         if not isinstance(metadata, Mapping):
             raise InputError(f"metadata must be a dict like {{'age': 54, 'sex': 'female'}}; got {type(metadata).__name__}")
+        from .metadata import is_non_finite_number, shown
+
         for key, value in metadata.items():
-            if isinstance(value, float) and not math.isfinite(value):
+            if is_non_finite_number(value):
                 raise InputError(
-                    f"metadata field {key!r} is {value}; expected a finite number. "
+                    f"metadata field {shown(key)} is {value!r}; expected a finite number. "
                     "Fix: leave the field out (or pass None) when it is unknown; missing is its own category"
                 )
         if "metadata" not in self.modalities:

@@ -45,18 +45,28 @@ def test_bench_against_torch_and_monai_on_the_same_weights(segmenter_bundle, tmp
     grid = make_grid(200, 200, 64, 0.25)
     assert rows["edgederm"]["count"] == rows["torch"]["count"] == len(grid)
     assert report["machine_peak"]["peak_gflops"] > 0
+    ours = rows["edgederm"]
+    manifest = read_manifest(segmenter_bundle)
+    flops = count_graph_flops(manifest.graph_path(manifest.stages[0], "fp32"))
+    peak = report["machine_peak"]["peak_gflops"]
     for peer in ("torch", "monai"):
         row = rows[peer]
         assert row["same_weights"] and row["weights_max_abs_diff"] < 1e-4
         assert row["dice_vs_edgederm"] > 0.99
-        assert row["latency_s"] > 0 and row["peak_rss_bytes"] > 0 and row["speedup_of_edgederm"] > 0
+        assert row["latency_s"] > 0 and row["peak_rss_bytes"] > 0
+        # the ratios are of the figures reported beside them
+        assert row["speedup_of_edgederm"] == pytest.approx(row["latency_s"] / ours["latency_s"])
+        assert row["memory_ratio_edgederm_over_peer"] == pytest.approx(ours["peak_rss_bytes"] / row["peak_rss_bytes"])
         record_property(f"figure:bench_200px_{peer}_speedup_memratio_dice",
                         f"{row['speedup_of_edgederm']:.2f}x {row['memory_ratio_edgederm_over_peer']:.2f} "
                         f"{row['dice_vs_edgederm']:.4f}")
-    ours = rows["edgederm"]
-    assert 0 < ours["inference_fraction_of_peak"] < 1.5
+    inference_s = ours["timings_ms"]["inference"] / 1000
+    assert ours["gflops_inference"] == pytest.approx(flops * len(grid) / inference_s / 1e9)
+    assert ours["inference_fraction_of_peak"] == pytest.approx(ours["gflops_inference"] / peak)
+    assert ours["gflops_end_to_end"] == pytest.approx(flops * len(grid) / ours["latency_s"] / 1e9)
+    assert ours["gflops_end_to_end"] <= ours["gflops_inference"]  # the graph's time is part of the latency
     text = format_report(report)
-    assert "monai" in text and "x faster" in text
+    assert "monai" in text and "x faster" in text and f"{rows['monai']['speedup_of_edgederm']:8.2f}" in text
     png = plot_report(report, tmp_path / "bench.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -80,32 +90,89 @@ def test_cli_bench_refuses_bad_sizes(segmenter_bundle, capsys):
     assert "--sizes '1024,big'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_precision_small_encoder(tmp_path, record_property):
-    """`edgederm bench-precision --small`: every row is measured against the fp32 graph
-    on the same windows; the GELU fusion and torch are exact, INT8 close."""
-    from edgederm.calibration.bench import run_benchmark, summarize
+    """`edgederm bench-precision --small`: every row is measured against the fp32 graph on
+    the same windows and the reported figures agree with each other. Which form wins and
+    whether INT8 reaches the agreement target are measurements (they vary with the CPU's
+    kernels), so they are recorded, not asserted; the verdict logic is tested on fixed rows."""
+    from edgederm.bench_precision import run_benchmark, summarize
 
-    rows = run_benchmark(tmp_path, small=True, seconds=0.2, calib_images=2, eval_images=4,
+    eval_images, windows_per_image = 4, 2 * 2  # synthetic 2x2-window images
+    rows = run_benchmark(tmp_path, small=True, seconds=0.2, calib_images=2, eval_images=eval_images,
                          variants=["ort_fp32_gelu_fused", "ort_int8_dynamic_sdk", "torch_fp32"], say=lambda m: None)
     by_name = {r["variant"]: r for r in rows}
     assert list(by_name) == ["ort_fp32", "ort_fp32_gelu_fused", "ort_int8_dynamic_sdk", "torch_fp32"]
-    assert by_name["ort_fp32"]["speedup_vs_ort_fp32"] == 1.0 and by_name["ort_fp32"]["cosine_min"] == 1.0
+    reference = by_name["ort_fp32"]
+    assert reference["agreement"] == 1.0 and reference["cosine_min"] == 1.0 and reference["speedup_vs_ort_fp32"] == 1.0
     assert by_name["ort_fp32_gelu_fused"]["cosine_min"] > 0.99999  # same function, one node
     assert by_name["torch_fp32"]["cosine_min"] > 0.99999  # torch vs its ONNX export
+    windows = eval_images * windows_per_image
+    for row in rows:
+        assert row["rounds"] >= 3 and row["windows_per_s"] > 0
+        assert row["speedup_vs_ort_fp32"] == round(row["windows_per_s"] / reference["windows_per_s"], 2)
+        agreeing = row["agreement"] * windows  # a share of the evaluation windows' decisions
+        assert 0 <= agreeing <= windows and abs(agreeing - round(agreeing)) < 1e-3, row
+        assert -1.0 <= row["cosine_min"] <= row["cosine_mean"] <= 1.0, row
     int8 = by_name["ort_int8_dynamic_sdk"]
-    record_property("figure:bench_precision_small_int8_dynamic_cosine_min", f"{int8['cosine_min']:.5f}")
-    assert int8["cosine_min"] > 0.99 and int8["agreement"] >= 0.9
-    assert all(r["windows_per_s"] > 0 and r["rounds"] >= 3 for r in rows)
+    record_property("figure:bench_precision_small_int8_dynamic_cosine_agreement",
+                    f"{int8['cosine_min']:.5f} {int8['agreement']:.4f}")
+    assert int8["cosine_mean"] > 0.9  # the same encoder; a broken graph lands near 0
     assert len((tmp_path / "window_encoder.ort_int8_dynamic_sdk.onnx").read_bytes()) > 0
     lines = summarize(rows)
-    assert any(line.startswith("fastest INT8") and "ort_fp32_gelu_fused" in line for line in lines)
-    assert any("PyTorch's fastest torch_fp32" in line for line in lines)
+    assert lines and (lines[0].startswith("fastest INT8") or lines[0].startswith("no INT8 form reached")), lines
 
 
+def _row(variant: str, windows_per_s: float, agreement: float = 1.0) -> dict:
+    return {"variant": variant, "windows_per_s": windows_per_s, "agreement": agreement}
+
+
+def test_bench_precision_verdict_lines():
+    from edgederm.bench_precision import summarize
+
+    rows = [_row("ort_fp32", 20.0), _row("ort_fp32_gelu_fused", 22.0),
+            _row("ort_int8_dynamic_sdk", 50.0, agreement=0.995), _row("ort_int8_static_qdq_u8s8", 80.0, agreement=0.9),
+            _row("torch_fp32", 10.0), _row("torch_bf16_autocast", 60.0, agreement=0.95)]
+    # the faster static form misses the agreement target; bf16 too, so torch_fp32 is PyTorch's fastest
+    assert summarize(rows) == [
+        "fastest INT8 at agreement >= 0.99: ort_int8_dynamic_sdk 50.0 windows/s = 2.50x ort_fp32 (target 2.0x: met)",
+        "fastest INT8 at agreement >= 0.99: ort_int8_dynamic_sdk 50.0 windows/s = 2.27x ort_fp32_gelu_fused "
+        "(target 2.0x: met)",
+        "SDK's fastest CPU path ort_int8_dynamic_sdk vs PyTorch's fastest torch_fp32: 5.00x (at least as fast)",
+    ]
+    assert summarize(rows, target_speedup=2.4)[1].endswith("2.27x ort_fp32_gelu_fused (target 2.4x: NOT met)")
+    # no INT8 form at the target: said so, and the PyTorch comparison is still made
+    assert summarize(rows, target_agreement=0.999) == [
+        "no INT8 form reached decision agreement 1.00",
+        "SDK's fastest CPU path ort_fp32_gelu_fused vs PyTorch's fastest torch_fp32: 2.20x (at least as fast)",
+    ]
+    slower = summarize([_row("ort_fp32", 20.0), _row("torch_bf16_autocast", 40.0)])
+    assert slower == ["no INT8 form reached decision agreement 0.99",
+                      "SDK's fastest CPU path ort_fp32 vs PyTorch's fastest torch_bf16_autocast: 0.50x (slower)"]
+
+
+def test_bench_precision_agreement_is_the_share_of_equal_decisions():
+    from edgederm.bench_precision import compare_to_reference
+
+    # probe: identity scaling, decision = argmax of the embedding itself
+    probe = (np.zeros(3), np.ones(3), np.eye(3))
+    reference = np.array([[3.0, 1, 0], [0, 2, 1], [1, 0, 4], [5, 4, 0]])
+    agreement, cos = compare_to_reference(reference.copy(), reference, probe)
+    assert agreement == 1.0 and np.allclose(cos, 1.0)
+    flipped = reference.copy()
+    flipped[3] = [4, 5, 0]  # the last window's decision moves from class 0 to 1
+    agreement, cos = compare_to_reference(flipped, reference, probe)
+    assert agreement == 0.75
+    assert np.allclose(cos[:3], 1.0) and cos[3] == pytest.approx(40 / 41)
+    agreement, cos = compare_to_reference(-reference, reference, probe)
+    assert np.allclose(cos, -1.0)
+
+
+@pytest.mark.slow
 def test_bench_precision_takes_a_remixformer_checkpoint(tmp_path):
     import torch
 
-    from edgederm.calibration.bench import run_benchmark
+    from edgederm.bench_precision import run_benchmark
     from edgederm.checkpoint import save_checkpoint
     from edgederm.models import create_model
     from edgederm.runtime.errors import InputError

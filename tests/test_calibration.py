@@ -89,6 +89,34 @@ def test_selection_is_seeded_stratified_hashed_and_warns(synthetic_data):
         select_calibration(root / "nope")
 
 
+def test_calibration_cases_are_the_dataset_readers_records(tmp_path):
+    """A labels.csv folder means the same cases to calibration as to training."""
+    import csv
+    import shutil
+
+    from edgederm.calibration.data import read_cases
+    from edgederm.data import read_dataset
+    from edgederm.data.synthetic import generate_dataset
+
+    root = generate_dataset(tmp_path / "d", n_per_class=2, size=32, seed=1)
+    (root / "clinical").mkdir()
+    shutil.copy(root / "images" / "syn_000001.jpg", root / "clinical" / "syn_000001.png")
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cases = read_cases(root)
+    assert [c.image for c in cases] == [root / "images" / f"{r['id']}.jpg" for r in rows]
+    assert [c.label for c in cases] == [int(r["label"]) for r in rows]
+    assert [c.mask for c in cases] == [root / "masks" / f"{r['id']}.png" for r in rows]
+    assert [c.clinical for c in cases] == [root / "clinical" / "syn_000001.png" if r["id"] == "syn_000001" else None
+                                           for r in rows]
+    assert [c.metadata for c in cases] == [{"age": int(r["age"]), "sex": r["sex"], "site": r["site"],
+                                            "skin_tone": int(r["skin_tone"])} for r in rows]
+    assert [c.metadata for c in cases] == [r.metadata for r in read_dataset(root)]
+    (root / "images" / "syn_000002.jpg").unlink()  # a listed image that is gone is an error, not a skip
+    with pytest.raises(InputError, match=r"lists 1 id\(s\) with no image .*syn_000002"):
+        read_cases(root)
+
+
 class _ZeroSegmenter(Backend):
     """A 2-class segmenter graph stand-in: logits 0 for every tile (the feeds are under test)."""
 
@@ -302,7 +330,8 @@ def test_modelopt_qdq(block_graph, tmp_path):
 # -- sensitivity -----------------------------------------------------------------------
 def test_return_to_float_is_exact_and_ranks(block_graph, tmp_path):
     from edgederm.calibration.graphs import prepare_graph
-    from edgederm.calibration.sensitivity import node_sensitivity, quantized_nodes, return_to_float, run_graph
+    from edgederm.calibration.fidelity import relative_error
+    from edgederm.calibration.sensitivity import node_sensitivity, only_quantized, quantized_nodes, return_to_float, run_graph
 
     path, feeds, _ = block_graph
     prepared = prepare_graph(path, tmp_path / "prepared.onnx")
@@ -314,5 +343,13 @@ def test_return_to_float_is_exact_and_ranks(block_graph, tmp_path):
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in all_float.graph.node)
     for a, b in zip(run_graph(all_float, feeds), run_graph(ref, feeds)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    scores = node_sensitivity(qdq, ref, feeds[:1], max_seconds=30)
-    assert set(scores) == set(nodes) and all(v is not None and v >= 0 for v in scores.values())
+    scores = node_sensitivity(qdq, ref, feeds[:1], max_seconds=float("inf"))
+    assert set(scores) == set(nodes)
+    # each score is the output error with that node alone in INT8
+    reference = run_graph(ref, feeds[:1])[0]
+    for node in nodes:
+        alone = run_graph(only_quantized(qdq, ref, node, nodes), feeds[:1])[0]
+        assert scores[node] == pytest.approx(relative_error(reference.ravel(), alone.ravel()), rel=1e-6), node
+    assert max(v for v in scores.values() if v is not None) > 0  # INT8 rounding moves the output
+    # out of time before the first node: none measured, all ranked last (None)
+    assert set(node_sensitivity(qdq, ref, feeds[:1], max_seconds=-1).values()) == {None}

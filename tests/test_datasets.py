@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edgederm.data.datasets import (
+from edgederm.data import (
     DERM7PT_CLASSES,
     HAM10000_CLASSES,
     PAD_UFES_20_CLASSES,
@@ -482,29 +482,65 @@ def test_clinic_csv_missing_file_is_named(tmp_path):
         read_dataset(tmp_path)
 
 
-def test_edgederm_layout_matches_read_image_folder(tmp_path):
-    from edgederm.data.synthetic import generate_dataset
-    from edgederm.train import read_image_folder
+def _labels_csv_reference(root: Path) -> list[dict[str, str]]:
+    """labels.csv read by the standard library alone: what every reader must agree with."""
+    with open(root / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_labels_csv_reader_agrees_with_the_file(tmp_path):
+    """The edgederm layout, read_image_folder and the synthetic data's reader see the same table."""
+    from edgederm.data import read_image_folder
+    from edgederm.data.synthetic import generate_dataset, read_labels_csv
 
     root = generate_dataset(tmp_path / "synthetic", n_per_class=2, size=48, seed=3)
+    rows = _labels_csv_reference(root)
     ds = read_dataset(root)
     assert ds.layout == "edgederm" and ds.class_names == ("nevus", "melanoma", "vascular")
+    assert [r.id for r in ds] == [row["id"] for row in rows]
+    assert [r.label for r in ds] == [int(row["label"]) for row in rows]
+    assert [r.class_name for r in ds] == [row["class_name"] for row in rows]
+    assert [r.image for r in ds] == [root / "images" / f"{row['id']}.jpg" for row in rows]
+    assert [r.mask for r in ds] == [root / "masks" / f"{row['id']}.png" for row in rows]
+    assert [r.metadata for r in ds] == [{"age": int(row["age"]), "sex": row["sex"], "site": row["site"],
+                                         "skin_tone": int(row["skin_tone"])} for row in rows]
+    synthetic = read_labels_csv(root)
+    assert synthetic == [{"id": r.id, "label": r.label, "class_name": r.class_name, **r.metadata} for r in ds]
+
     config = PreprocessConfig(input_size=(32, 32))
     ours = load_labelled_images(ds, config, masks=True)
-    reference = read_image_folder(root, config, masks=True)
-    np.testing.assert_array_equal(ours.x, reference.x)
-    np.testing.assert_array_equal(ours.y, reference.y)
-    # Masks: read_image_folder samples the nearest source pixel (stretch only); this reader
-    # takes the majority of the source pixels under each output pixel through the image's
-    # resize policy. They may differ only on the lesion border.
-    differ = ours.masks != reference.masks
+    folder = read_image_folder(root, config, masks=True)
+    np.testing.assert_array_equal(folder.x, ours.x)
+    np.testing.assert_array_equal(folder.masks, ours.masks)
+    assert folder.ids == ours.ids and folder.class_names == list(ds.class_names) and folder.records == ours.records
+    np.testing.assert_array_equal(folder.y, [int(row["label"]) for row in rows])
+    # Masks against nearest-neighbour resizing of the files: the reader takes the majority
+    # of the source pixels under each output pixel, so they may differ only on the lesion border.
+    nearest = np.stack([cv2.resize(cv2.imread(str(root / "masks" / f"{row['id']}.png"), cv2.IMREAD_GRAYSCALE), (32, 32),
+                                   interpolation=cv2.INTER_NEAREST) > 127 for row in rows]).astype(np.int64)
+    differ = ours.masks != nearest
     assert differ.mean() < 0.03
     border = np.stack([cv2.dilate(m.astype(np.uint8), np.ones((3, 3))) != cv2.erode(m.astype(np.uint8), np.ones((3, 3)))
-                       for m in reference.masks])
+                       for m in nearest])
     assert not (differ & ~border).any()
-    assert ours.ids == reference.ids and ours.class_names == reference.class_names
-    assert ours.records == reference.records
-    np.testing.assert_array_equal(ours.metadata("synthetic"), reference.metadata("synthetic"))
+    np.testing.assert_array_equal(ours.metadata("synthetic"), load_schema("synthetic").encode_many(
+        [{"age": int(row["age"]), "sex": row["sex"], "site": row["site"]} for row in rows]))
+
+
+def test_labels_csv_errors_name_file_and_line(tmp_path):
+    write_image(tmp_path / "images" / "a.jpg", 0)
+    write_csv(tmp_path / "labels.csv", ["id", "label", "class_name"], [["a", "one", "nevus"]])
+    with pytest.raises(InputError, match=r"labels.csv line 2: label 'one' is not an integer class index"):
+        read_dataset(tmp_path, layout="edgederm")
+    write_csv(tmp_path / "labels.csv", ["id", "label", "class_name"], [["a", "0", "nevus"], ["b", "1", "melanoma"]])
+    with pytest.raises(InputError, match=r"lists 1 id\(s\) with no image in .*images \(e.g. \['b'\]\)"):
+        read_dataset(tmp_path, layout="edgederm")
+    # an empty label is "no diagnosis": fine for segmentation, refused for classification
+    write_csv(tmp_path / "labels.csv", ["id", "label", "class_name"], [["a", "", ""]])
+    unlabelled = read_dataset(tmp_path, layout="edgederm")
+    assert unlabelled[0].label is None and unlabelled.class_names == ()
+    with pytest.raises(InputError, match=r"1 of 1 records have no diagnosis label"):
+        load_labelled_images(unlabelled, CONFIG)
 
 
 def test_letterboxed_mask_stays_on_its_lesion(tmp_path):

@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 from edgederm.runtime.preprocess import PreprocessConfig  # noqa: E402
-from edgederm.train import TrainConfig, read_image_folder, train  # noqa: E402
+from edgederm.data import read_image_folder  # noqa: E402
+from edgederm.train import TrainConfig, train  # noqa: E402
 from tests.tiny_models import tiny_net  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -11,7 +11,9 @@ torch = pytest.importorskip("torch")
 from edgederm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from edgederm.models import create_model  # noqa: E402
 from edgederm.runtime.preprocess import PreprocessConfig  # noqa: E402
-from edgederm.train import TrainConfig, expected_calibration_error, fit_temperature, read_image_folder, train  # noqa: E402
+from edgederm.data import read_image_folder  # noqa: E402
+from edgederm.metrics import expected_calibration_error, fit_temperature  # noqa: E402
+from edgederm.train import TrainConfig, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

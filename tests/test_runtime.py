@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,30 +16,65 @@ import pytest
 from edgederm.data.synthetic import generate_case
 from edgederm.runtime import ImageDecodeError, InputError, Result, load
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_runtime_predicts_where_torch_cannot_be_imported(tiny_bundle, tmp_path):
+
+# What a device without torch has: importing any of these fails in the child process.
+_BLOCKED = ("torch", "torchvision", "onnx", "onnxscript", "safetensors", "timm", "monai")
+
+
+def _run_without_torch(tmp_path, args: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``python ARGS`` with the torch side unimportable from interpreter start (a
+    sitecustomize first on the path); returns the process and the modules it had loaded."""
+    modules_file = tmp_path / "modules.json"
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import atexit, json, sys
+
+        class BlockTorchSide:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {_BLOCKED!r}:
+                    raise ImportError(f"{{name}} is blocked in this test")
+                return None
+
+        def report_modules():
+            with open({str(modules_file)!r}, "w") as f:
+                json.dump(sorted(sys.modules), f)
+
+        sys.meta_path.insert(0, BlockTorchSide())
+        atexit.register(report_modules)
+    """))
+    path = [str(site), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(modules_file.read_text())
+
+
+@pytest.mark.parametrize("entry", ["cli", "api"])
+def test_runtime_predicts_where_torch_cannot_be_imported(tiny_bundle, tmp_path, entry):
+    """`edgederm predict` and ``edgederm.runtime.load`` on a machine without torch or onnx
+    load the runtime alone: no trainer, model, data, export or calibration module."""
     image = generate_case(seed=3, size=300).image
     path = tmp_path / "case.png"
     cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    script = textwrap.dedent(f"""
-        import builtins, json, sys
-        real_import = builtins.__import__
-        def guarded(name, *args, **kwargs):
-            if name == "torch" or name.startswith("torch.") or name in ("onnx", "onnxscript"):
-                raise ImportError("torch is blocked in this test")
-            return real_import(name, *args, **kwargs)
-        builtins.__import__ = guarded
-        from edgederm.runtime import load
-        model = load({str(tiny_bundle)!r})
-        result = model.predict_file({str(path)!r})
-        assert "torch" not in sys.modules
-        print(json.dumps(result.to_dict()))
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if entry == "cli":
+        args = ["-m", "edgederm.cli", "predict", str(tiny_bundle), str(path), "--json"]
+        # the parser's `train` options and the TrainConfig record they fill: no torch, no trainer
+        allowed = {"edgederm", "edgederm.cli", "edgederm.training", "edgederm.training.options", "edgederm.training.config"}
+    else:
+        args = ["-c", f"import json; from edgederm.runtime import load; "
+                      f"print(json.dumps(load({str(tiny_bundle)!r}).predict_file({str(path)!r}).to_dict()))"]
+        allowed = {"edgederm"}
+    proc, modules = _run_without_torch(tmp_path, args)
+    out = json.loads(proc.stdout)
     assert out["label"] in ("nevus", "melanoma", "vascular")
     assert abs(sum(out["probabilities"].values()) - 1.0) < 1e-5
+    assert "edgederm.runtime.model" in modules  # the report is of the process that predicted
+    loaded = {m for m in modules if m.split(".")[0] == "edgederm" and not m.startswith("edgederm.runtime")}
+    assert loaded <= allowed, f"{entry}: the device loaded {sorted(loaded - allowed)}"
+    assert not [m for m in modules if m.split(".")[0] in _BLOCKED]
 
 
 def test_runtime_matches_torch_on_the_same_pixels(tiny_bundle):
@@ -148,3 +185,21 @@ def test_auto_precision_on_cpu_follows_measured_speed(tiny_bundle, sections, exp
     assert choose_precision(manifest, "fp32", "cpu") == "fp32"  # an explicit choice is kept
     choice = choose(manifest, "auto", "auto", ["CPUExecutionProvider"])
     assert (choice.backend, choice.providers, choice.precision, choice.notes) == ("onnxruntime-cpu", CPU, expected, ())
+
+
+def test_the_runtime_ships_its_metadata_schemas(tmp_path):
+    """One copy of the schemas, inside the runtime package (read with importlib.resources)."""
+    from edgederm.runtime import metadata
+
+    runtime_dir = Path(metadata.__file__).resolve().parent
+    assert Path(str(metadata.SCHEMAS)).resolve() == runtime_dir / "schemas"
+    bundled = metadata.bundled_schemas()
+    assert bundled == sorted(p.stem for p in (runtime_dir / "schemas").glob("*.json"))
+    assert {"synthetic", "ham10000", "pad_ufes_20", "derm7pt", "isic2019"} <= set(bundled)
+    assert not list(REPO.glob("edgederm/data/**/*.json"))
+    assert metadata.load_schema("ham10000").name == "ham10000"
+    with pytest.raises(InputError, match=r"'ham10001' is neither a file nor a bundled schema; bundled: \['derm7pt'"):
+        metadata.load_schema("ham10001")
+    own = tmp_path / "clinic.json"  # a file path still wins over the bundled names
+    own.write_text(json.dumps({"name": "clinic", "fields": [{"name": "age", "type": "numeric", "min": 0, "max": 100}]}))
+    assert metadata.load_schema(str(own)).dim == 2

@@ -22,6 +22,7 @@ from edgederm.runtime.backends import tensorrt as trt_backend
 from edgederm.runtime.backends.cuda import DeviceInfo, query_device
 from edgederm.runtime.backends.engines import check_engine_target, engine_cache_key, select_engine, select_engines
 from edgederm.runtime.errors import InputError, MissingDependencyError
+from edgederm.runtime.optional import import_tensorrt, tensorrt_available
 
 NO_TRT_REASON = ("TensorRT and a CUDA GPU are needed; TensorRT cannot be installed on this project's CI machines "
                  "(run on a Jetson or a GPU workstation with TensorRT 8.5+/10.x and cuda-python)")
@@ -79,7 +80,7 @@ def mini_bundle(tmp_path):
 
 
 def _has_gpu_tensorrt() -> bool:
-    if not trt_backend.tensorrt_available():
+    if not tensorrt_available():
         return False
     try:
         query_device()
@@ -273,8 +274,8 @@ def test_type_stubs_alone_do_not_count_as_tensorrt(tmp_path, monkeypatch):
     saved = sys.modules.pop("tensorrt", None)
     try:
         with pytest.raises(MissingDependencyError, match="not the TensorRT Python package"):
-            trt_backend.import_tensorrt()
-        assert trt_backend.tensorrt_available() is False
+            import_tensorrt()
+        assert tensorrt_available() is False
         with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
             trt_export.require_tensorrt()
     finally:  # leave no fake module behind for later tests
@@ -283,7 +284,7 @@ def test_type_stubs_alone_do_not_count_as_tensorrt(tmp_path, monkeypatch):
             sys.modules["tensorrt"] = saved
 
 
-@pytest.mark.skipif(trt_backend.tensorrt_available(), reason="TensorRT is installed here; this test is for machines without it")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here; this test is for machines without it")
 def test_build_without_tensorrt_gives_install_hint(mini_bundle, capsys):
     from edgederm.cli import main
 
@@ -341,7 +342,7 @@ def test_runtime_falls_back_to_onnxruntime_and_records_why(mini_bundle):
         model = load(bundle_copy, backend=backend)
         assert model.backend_name.startswith("onnxruntime")
         notes = " ".join(model.notes)
-        if trt_backend.tensorrt_available():
+        if tensorrt_available():
             assert "TensorRT engines not used" in notes
         else:
             assert "TensorRT engines not used" in notes and "not installed" in notes, notes

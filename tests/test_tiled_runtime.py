@@ -468,7 +468,8 @@ def test_training_a_segmenter_on_whole_images_records_its_working_scale(tmp_path
     from edgederm.checkpoint import load_checkpoint
     from edgederm.data.synthetic import generate_dataset
     from edgederm.export.bundle import tiling_section
-    from edgederm.train import TrainConfig, read_image_folder, train
+    from edgederm.data import read_image_folder
+    from edgederm.train import TrainConfig, train
 
     generate_dataset(tmp_path / "data", n_per_class=2, size=96, seed=3)
     config = pp.PreprocessConfig(input_size=(64, 64))

@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 from edgederm.checkpoint import load_checkpoint  # noqa: E402
 from edgederm.models import create_model, list_models  # noqa: E402
 from edgederm.runtime.preprocess import PreprocessConfig  # noqa: E402
-from edgederm.train import TrainConfig, read_image_folder, train  # noqa: E402
+from edgederm.data import read_image_folder  # noqa: E402
+from edgederm.train import TrainConfig, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Li et al., "CFFormer: Cross CNN-Transformer channel attention and spatial feature
 fusion for improved segmentation of low quality medical images", Expert Systems with
-Applications (2025). Facts and decisions (../shared/specs/MODELS.md, section 3):
+Applications (2025). Facts and decisions (docs/models.md, section 3):
 
 - Dual encoder. CNN: ResNet-34 (torchvision names, :class:`ResNetEncoder`), stem
   conv at H/2 (kept as the first skip), stages 64/128/256/512 at H/4..H/32.
@@ -38,7 +38,7 @@ Applications (2025). Facts and decisions (../shared/specs/MODELS.md, section 3):
   paper gives only the 0.5/0.5 weighting).
 - Training recipe of the paper (not encoded here): AdamW wd 3e-5, poly lr 3e-4
   power 0.9, input 224.
-- Measured at 224 (MODELS.md): b 119.7 M parameters / 29.1 GMACs, s 98.3 M,
+- Reference sizes at 224 (docs/models.md): b 119.7 M parameters / 29.1 GMACs, s 98.3 M,
   l 184.8 M. This build: b 119.66 M / 29.07 GMACs, s 98.28 M, l 184.81 M (the
   encoders' unused classifier heads and final Swin norm are not built).
 """

@@ -2,12 +2,12 @@
 
 Huo et al., "HiFuse: Hierarchical multi-scale feature fusion network for medical
 image classification", Biomedical Signal Processing and Control 87 (2024); official
-code github huoxiangzuo/HiFuse (main_model.py). Decisions (../shared/specs/MODELS.md):
+code github huoxiangzuo/HiFuse (main_model.py). Decisions (docs/models.md, section 5):
 - global branch: Swin, patch 4, window attention block = attention -> Linear + GELU
   with one residual (``SwinBlock(mlp="linear_gelu")``); local branch: ConvNeXt-like
   blocks depthwise 3x3 -> LayerNorm -> Linear -> GELU with a residual;
 - HFF block per stage: spatial attention (7x7) on the local feature, channel
-  attention (reduction 16, the official value; the seed article's 4 is wrong) on the
+  attention (reduction 16, the official value; an article's reconstruction uses 4) on the
   global feature, fusion with the previous HFF output, IRMLP with a shortcut;
 - IRMLP's first conv is depthwise as the paper describes (``dense_irmlp=False``);
   ``dense_irmlp=True`` reproduces the official code, whose helper ignores ``group``

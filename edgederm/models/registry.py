@@ -1,6 +1,6 @@
 """Model registry: variants registered by name, built with ``create_model(name)``.
 
-A variant is a small function that only sets hyper-parameters (STYLE.md, 1).
+A variant is a small function that only sets hyper-parameters (docs/models.md).
 ``create_model`` records the name and keyword arguments on the model so a checkpoint
 (safetensors + JSON) can rebuild exactly the same architecture without pickle.
 """
@@ -51,10 +51,10 @@ def _ensure_registered() -> None:
     # Importing the architecture modules (one file per family) registers their variants.
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    from . import __path__ as package_path
-
-    for info in pkgutil.iter_modules(package_path):
+    # the package's folder from this file, not `from . import __path__`: a module importing its own package is a cycle
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if not info.ispkg and info.name not in _NOT_ARCHITECTURES and not info.name.startswith("_"):
             importlib.import_module(f"{__package__}.{info.name}")
 

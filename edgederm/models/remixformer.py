@@ -2,7 +2,7 @@
 
 Xu et al., "RemixFormer++: A multi-modal transformer model for precision skin tumor
 differential diagnosis with memory-efficient attention", IEEE TMI 2025. No official
-code; the facts and decisions are in ../shared/specs/MODELS.md section 1. The model
+code; the facts and decisions are in docs/models.md, section 1. The model
 is four named parts, each exported as its own graph so the runtime can stream
 dermoscopy windows on a memory budget and run only the stages a request needs:
 
@@ -46,7 +46,7 @@ Decisions where the paper/record is silent (every number is a constructor argume
   local tokens of the K regions and vice versa, both from the pre-fusion states,
   with residuals. The fused global tokens continue through stage 4; each region's
   fused local CLS is projected to the stage-4 width and appended to the output.
-- Paper clinical size 512 (MODELS.md): Swin window 8 (7 does not tile 128/64/32/16).
+- Paper clinical size 512 (docs/models.md): Swin window 8 (7 does not tile 128/64/32/16).
   A window-7 Swin-T checkpoint loads through :func:`load_clinical_encoder`, which
   resizes the relative position bias tables bicubically (explicitly).
 - MSTA: y = the window's patch tokens at scales ``texture_scales`` (avg-pooled
@@ -54,7 +54,7 @@ Decisions where the paper/record is silent (every number is a constructor argume
   c = softmax_k(-s_k a), E_k = sum_j c_jk y_j; "projected" = LayerNorm per E_k,
   Linear(D -> texture_dim) shared by the templates, flatten, Linear(K_s*texture_dim -> D).
 - Metadata: the nine one-hot attributes come from a schema file
-  (``edgederm/data/schemas/remixformer_default.json``). The paper does not publish
+  (``edgederm/runtime/schemas/remixformer_default.json``). The paper does not publish
   the category counts, so that schema is a plausible DEFAULT the user should replace
   with their own (``metadata_schema=...``); ``remixformer_tiny`` uses "synthetic" so
   it trains on edgederm's synthetic data.

@@ -3,7 +3,7 @@
 Li, Li, Zuo, Chen, Chen, Lv, "Self-contrastive Feature Guidance Based
 Multidimensional Collaborative Network of metadata and image features for skin
 disease classification", Pattern Recognition 156 (2024) 110742. No official code is
-public; this is built from the paper's description (../shared/specs/MODELS.md, 4):
+public; this is built from the paper's description (docs/models.md, section 4):
 
 - backbone: ResNet-18/50 (:class:`~.layers.resnet.ResNetEncoder`, torchvision names,
   so torchvision weights load strictly with :meth:`SGMCNet.load_backbone`);
@@ -35,7 +35,7 @@ public; this is built from the paper's description (../shared/specs/MODELS.md, 4
 - the projection heads live in ``feature_guidance``, outside ``network``, the
   module that ``export_stages`` exports: they are trained but never exported.
 
-Metadata comes encoded by a schema (``edgederm/data/schemas``): PAD-UFES-20 for the
+Metadata comes encoded by a schema (``edgederm/runtime/schemas``): PAD-UFES-20 for the
 paper variants (102-dim here vs the paper's 81: this SDK adds a missing slot per
 field, see the schema's description), ``synthetic`` for ``sgmcnet_tiny``.
 """

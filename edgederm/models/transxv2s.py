@@ -2,7 +2,7 @@
 
 Saeed et al., "TransXV2S-Net", Knowledge-Based Systems (2026). No official code; the
 circulating reconstruction has a 313 M-parameter Xception exit flow and fusion
-weights it never uses (../shared/specs/MODELS.md, section 2). This build lands at
+weights it never uses (docs/models.md, section 2). This build lands at
 61.6 M parameters at 224 px / 8 classes (paper: 60.69 M). Decisions where the
 paper is silent (every number is a constructor argument):
 

@@ -74,7 +74,7 @@ def query_device(device: int = 0, tensorrt_version: str | None = None) -> Device
     prop = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode("utf-8", "replace") if isinstance(prop.name, (bytes, bytearray)) else str(prop.name)
     if tensorrt_version is None:
-        from .tensorrt import import_tensorrt
+        from ..optional import import_tensorrt
 
         tensorrt_version = str(import_tensorrt().__version__)
     return DeviceInfo(

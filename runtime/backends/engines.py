@@ -111,7 +111,7 @@ def select_engines(stages: Sequence[str], engines: Sequence[Mapping[str, Any]], 
     if device is None:
         try:
             from .cuda import query_device
-            from .tensorrt import import_tensorrt
+            from ..optional import import_tensorrt
 
             import_tensorrt()
             device = query_device()

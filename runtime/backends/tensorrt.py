@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import InputError, MissingDependencyError
-from ..optional import INSTALL_HINTS, optional_import
+from ..errors import InputError
+from ..optional import import_tensorrt
 from .base import Backend, TensorInfo
 from .cuda import DeviceBuffer, DeviceInfo, TensorRTError, cuda_check, import_cudart, query_device
 from .engines import check_engine_target
@@ -38,19 +38,6 @@ log = logging.getLogger(__name__)
 
 
 # -- optional imports ------------------------------------------------------------------
-def import_tensorrt(purpose: str = "TensorRT engines") -> ModuleType:
-    """The real ``tensorrt`` module, or :class:`MissingDependencyError` with the install hint."""
-    trt = optional_import("tensorrt", purpose)
-    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
-        # Type stubs alone make ``import tensorrt`` succeed as an empty namespace package.
-        raise MissingDependencyError(
-            f"TensorRT is not installed (needed for {purpose}): 'tensorrt' imports from "
-            f"{list(getattr(trt, '__path__', []))} but is not the TensorRT Python package (type stubs only?). "
-            f"Fix: {INSTALL_HINTS['tensorrt']}"
-        )
-    return trt
-
-
 class _LazyModule:
     """Stands in for a module and imports it on first attribute access (Polygraphy's ``lazy_import``)."""
 
@@ -73,16 +60,6 @@ else:
     trt = _LazyModule(import_tensorrt)
 
 
-def tensorrt_available() -> bool:
-    """True when the real TensorRT Python package imports; never raises."""
-    try:
-        import_tensorrt()
-    except Exception:
-        return False
-    return True
-
-
-# -- the runner ---------------------------------------------------------------------------------------
 _TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
                  "BOOL": "bool", "UINT8": "uint8", "BF16": "float32"}
 

@@ -11,7 +11,7 @@ from edgederm.models import create_model  # noqa: E402
 from edgederm.models.cfformer import CFCA, CFFormer, SwinV2Encoder, dice_ce_loss, swin_v2_key_map  # noqa: E402
 from edgederm.models.pretrained import load_mapped, load_resnet  # noqa: E402
 
-# Reference code measured at 224 px (MODELS.md section 3), in millions of parameters.
+# Reference sizes at 224 px (docs/models.md, section 3), in millions of parameters.
 PAPER_PARAMS_M = {"cfformer_s": 98.3, "cfformer_b": 119.7, "cfformer_l": 184.8}
 
 

@@ -259,13 +259,10 @@ def test_paper_variants_construct(name, backbone, record_property):
     assert backbone < deployed < total
 
 
-def test_tiny_is_small_and_fast(tiny):
-    import time
+def test_tiny_is_small_and_cheap(tiny):
+    """Small enough for training tests on two CPU cores, counted in parameters and
+    multiply-adds rather than seconds (a timing depends on the machine's load)."""
+    from edgederm.models.summary import count_gmacs
 
     assert sum(p.numel() for p in tiny.parameters()) < 5e6
-    model = create_model("sgmcnet_tiny").train()
-    inputs = model.example_inputs(2)
-    model.training_loss(inputs, torch.tensor([0, 1])).backward()  # warm-up
-    start = time.perf_counter()
-    model.training_loss(inputs, torch.tensor([0, 1])).backward()
-    assert time.perf_counter() - start < 1.0
+    assert count_gmacs(tiny) < 0.05  # sgmcnet_18 at its paper size: 1.8 GMACs

@@ -29,7 +29,7 @@ def test_paper_parameter_count(paper_model):
     total = parts["total"]
     assert total == sum(p.numel() for p in paper_model.parameters())
     assert abs(total - PAPER_PARAMS) / PAPER_PARAMS < 0.10, parts
-    # the two standard backbones, without their classifiers (MODELS.md: ~20.2 M, ~20.8 M)
+    # the two standard backbones, without their classifiers (docs/models.md: ~20.2 M, ~20.8 M)
     assert parts["efficientnetv2"] == 20_177_488
     assert parts["xception"] == 20_806_952
     assert sum(v for k, v in parts.items() if k != "total") == total

@@ -1,7 +1,7 @@
 """Swin-style (shifted) window attention, written once for the whole zoo.
 
 Used by HiFuse's global branch, CFFormer's Swin-V2 encoder and TransXV2S-Net's Swin
-stage. Export decisions (../shared/specs/MODELS.md, "export-hostile patterns"):
+stage. Export decisions (docs/models.md, "Export-hostile patterns"):
 - every spatial size is a Python int fixed in ``__init__`` (the model's input size),
   so window partitioning is a static reshape and no shape arithmetic reaches ONNX;
 - the shifted-window attention mask and the relative-position index are buffers

@@ -1,6 +1,6 @@
 """CPU precision benchmark of the window encoder: which INT8 form is fastest at equal decisions.
 
-``edgederm bench-precision`` runs this. The issue's target: INT8 window encoder
+``edgederm bench-precision`` runs this. The target: INT8 window encoder
 (ViT-S/16 on 256x256 windows, batch 8, 2 threads) at >= 2x the fp32 throughput of
 ONNX Runtime with >= 99% decision agreement; reference points PyTorch fp32 and
 PyTorch bf16 autocast on the same machine, same run.
@@ -12,7 +12,7 @@ Decisions:
   Exported with the SDK's exporter on every run (a graph left in ``--out`` by an
   earlier run may hold other weights).
 - Data: synthetic dermoscopy cases (edgederm.data.synthetic) cut into windows by the
-  runtime's own window code (runtime/pipeline.py ``image_windows``); calibration and
+  runtime's own window code (``edgederm.runtime.pipeline.image_windows``); calibration and
   evaluation images are disjoint.
 - "Decision": an encoder has no decision of its own, so a linear probe (ridge
   regression, one-vs-rest over the synthetic classes) is fitted on the fp32
@@ -73,6 +73,17 @@ def _probe(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np
     return mean, std, w
 
 
+def compare_to_reference(outputs: np.ndarray, reference: np.ndarray,
+                         probe: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, np.ndarray]:
+    """Decision agreement (share of windows whose probe decision equals the reference's)
+    and the cosine similarity of each window's embedding to the reference's."""
+    mean, std, w = probe
+    decided = (((outputs - mean) / std) @ w).argmax(1)
+    expected = (((reference - mean) / std) @ w).argmax(1)
+    cos = np.sum(outputs * reference, 1) / (np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
+    return float((decided == expected).mean()), cos
+
+
 def _trained_window_encoder(checkpoint: str | os.PathLike[str]) -> tuple[Any, int]:
     from edgederm.checkpoint import load_checkpoint
     from edgederm.runtime.errors import InputError
@@ -97,13 +108,11 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     """
     import torch
 
+    from edgederm.calibration.graphs import QuantSettings, prepare_graph, quantize_dynamic_graph, quantize_graph, save_model
     from edgederm.export.onnx import export_stage_onnx
     from edgederm.models.base import ExportStage
     from edgederm.models.remixformer import WindowEncoder
-
     from edgederm.runtime.backends.onnxruntime import cpu_session
-
-    from .graphs import QuantSettings, prepare_graph, quantize_dynamic_graph, quantize_graph, save_model
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -147,7 +156,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
     def fp32_gelu(out: Path) -> Path:
         import onnx
 
-        from .fusions import fuse_erf_gelu
+        from edgederm.calibration.fusions import fuse_erf_gelu
 
         model = onnx.load(str(fp32_path))
         fuse_erf_gelu(model)
@@ -155,7 +164,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         return out
 
     def fp16(out: Path) -> Path:
-        from .fp16 import convert_to_fp16
+        from edgederm.calibration.fp16 import convert_to_fp16
 
         convert_to_fp16(fp32_path, out)
         return out
@@ -264,11 +273,8 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
             calib_ref = np.concatenate([infer(f["windows"]) for f in feeds])
             probe = _probe(calib_ref, calib_y, int(calib_y.max()) + 1)
         assert probe is not None
-        mean, std, w = probe
-        decided = (((outputs - mean) / std) @ w).argmax(1)
-        expected = (((reference - mean) / std) @ w).argmax(1)
-        cos = np.sum(outputs * reference, 1) / (np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
-        row = {"variant": variant.name, "agreement": round(float((decided == expected).mean()), 4),
+        agreement, cos = compare_to_reference(outputs, reference, probe)
+        row = {"variant": variant.name, "agreement": round(agreement, 4),
                "cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5),
                "build_s": round(build_s, 1), "size_mb": round(size_mb, 1), "note": variant.note}
         rows.append(row)
@@ -310,14 +316,15 @@ def summarize(rows: list[dict[str, Any]], target_speedup: float = 2.0, target_ag
     ok = [r for r in rows if r["variant"].startswith("ort_int8") and r["agreement"] >= target_agreement]
     lines: list[str] = []
     if not ok:
-        return [f"no INT8 form reached decision agreement {target_agreement:.2f}"]
-    best = max(ok, key=lambda r: r["windows_per_s"])
-    for ref in ("ort_fp32", "ort_fp32_gelu_fused"):
-        if ref in by_name:
-            ratio = best["windows_per_s"] / by_name[ref]["windows_per_s"]
-            lines.append(f"fastest INT8 at agreement >= {target_agreement:.2f}: {best['variant']} "
-                         f"{best['windows_per_s']} windows/s = {ratio:.2f}x {ref} (target {target_speedup:.1f}x: "
-                         f"{'met' if ratio >= target_speedup else 'NOT met'})")
+        lines.append(f"no INT8 form reached decision agreement {target_agreement:.2f}")
+    else:
+        best = max(ok, key=lambda r: r["windows_per_s"])
+        for ref in ("ort_fp32", "ort_fp32_gelu_fused"):
+            if ref in by_name:
+                ratio = best["windows_per_s"] / by_name[ref]["windows_per_s"]
+                lines.append(f"fastest INT8 at agreement >= {target_agreement:.2f}: {best['variant']} "
+                             f"{best['windows_per_s']} windows/s = {ratio:.2f}x {ref} (target {target_speedup:.1f}x: "
+                             f"{'met' if ratio >= target_speedup else 'NOT met'})")
     torch_rows = [r for r in rows if r["variant"].startswith("torch") and r["agreement"] >= target_agreement]
     ort_rows = [r for r in rows if r["variant"].startswith("ort") and r["agreement"] >= target_agreement]
     if torch_rows:
