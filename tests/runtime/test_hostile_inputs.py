@@ -329,7 +329,7 @@ def test_predict_file_under_1gib_refuses_the_20000_px_png_before_decoding(tiny_b
     script = f"""
 from edgederm.runtime import load
 from edgederm.runtime.errors import ImageTooLargeError
-from edgederm.runtime.model import peak_rss_bytes
+from edgederm.runtime.rss import peak_rss_bytes
 model = load({str(tiny_bundle)!r}, precision="fp32", memory_budget="1GiB", cache=False)
 model.max_image_pixels = 10**9  # so that the budget, not the pixel cap, is what refuses
 try:
