@@ -369,7 +369,7 @@ def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging:
     try:
         write_manifest(root, data)
     except BaseException:
-        referenced = set(manifest.data["files"])
+        referenced = set(manifest.files)
         for stage in data["stages"]:
             new = stage["graphs"][precision]["file"]
             if new not in referenced:

@@ -21,8 +21,10 @@ def _edit_manifest(bundle, edit):
 def test_bundle_loads_and_lists_hashes(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
     assert manifest.precisions() == ["fp32", "int8"]
-    for name, entry in manifest.data["files"].items():
-        assert len(entry["sha256"]) == 64 and (tiny_bundle / name).stat().st_size == entry["bytes"]
+    assert set(manifest.verified) == set(manifest.files)  # the hashes of the bytes read, kept for caches
+    for name, entry in manifest.files.items():
+        assert len(entry.sha256) == 64 and (tiny_bundle / name).stat().st_size == entry.bytes
+        assert manifest.verified[name] == entry.sha256
 
 
 def test_one_changed_byte_is_refused_naming_the_file(bundle_copy):
