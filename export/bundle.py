@@ -25,6 +25,7 @@ from edgederm.runtime.preprocess import PreprocessConfig
 from edgederm.runtime.staging import commit, make_staging
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
+from .wrap import as_edgederm_model
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,13 @@ def export_bundle(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     profile_memory: bool = True,
+    task: str | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    class_names: list[str] | None = None,
+    modalities: tuple[str, ...] | None = None,
+    metadata_schema: dict[str, Any] | None = None,
+    output: str | None = None,
+    output_key: str | int | None = None,
 ) -> Path:
     """Export every stage of ``model`` to ONNX and write a verified bundle to ``out_dir``.
 
@@ -70,12 +78,15 @@ def export_bundle(
     of the profiled stage (tiles, windows, or a classifier's whole images) in
     subprocesses (export/memory_profile.py) and stores it as the manifest's "memory",
     so a memory budget can be planned for every bundle; False leaves it out.
+
+    ``model`` is an EdgeDerm model, or any ``nn.Module`` together with ``task``,
+    ``input_size`` and ``class_names`` (and optionally ``modalities``,
+    ``metadata_schema``, ``output``, ``output_key``): it is then wrapped as one stage
+    (export/wrap.py).
     """
-    if not isinstance(model, EdgeDermModel):
-        raise ExportError(
-            f"export_bundle takes an EdgeDerm model (edgederm.models.create_model), got {type(model).__name__}; "
-            "wrap your module in a subclass of edgederm.models.EdgeDermModel that declares task, input size and export_stages()"
-        )
+    model = as_edgederm_model(model, task=task, input_size=input_size, class_names=class_names,
+                              modalities=modalities, metadata_schema=metadata_schema, output=output,
+                              output_key=output_key)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")

@@ -82,7 +82,9 @@ def export_stage_onnx(stage: ExportStage, path: str | os.PathLike[str], opset: i
         os.replace(tmp, path)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise ExportError(f"ONNX export of stage {stage.name!r} failed: {type(exc).__name__}: {exc}") from exc
+        from .failures import explain_export_failure
+
+        raise explain_export_failure(stage.name, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
