@@ -31,7 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def default_preprocess(model: EdgeDermModel) -> PreprocessConfig:
-    """Resize to the model's input size; mean/std 0.5 (HiFuse's training recipe)."""
+    """The model's own preprocessing when it carries one (a wrapped timm model's
+    pretrained_cfg), else resize to its input size with mean/std 0.5 (HiFuse's recipe)."""
+    own = getattr(model, "preprocess", None)
+    if isinstance(own, PreprocessConfig):
+        return own
     return PreprocessConfig(input_size=tuple(model.input_size))  # type: ignore[arg-type]
 
 
@@ -121,49 +125,64 @@ def export_bundle(
                 "outputs": [_tensor_spec(n, tuple(o.shape), "float32", {0: "batch"}) for n, o in zip(stage.outputs, outs)],
                 "graphs": {"fp32": {"file": path.relative_to(staging).as_posix()}},  # sha256: from files below
             })
-        preprocess_config = preprocess or default_preprocess(model)
-        tiling = tiling_section(model)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "sdk_version": edgederm.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {
-                "name": getattr(model, "model_name", type(model).__name__),
-                "architecture": type(model).__name__,
-                "kwargs": _jsonable(getattr(model, "model_kwargs", {})),
-                "task": model.task,
-                "modalities": list(model.modalities),
-                "class_names": list(model.class_names),
-                "input_size": list(model.input_size),
-                "metadata_schema": getattr(model, "metadata_schema", None),
-            },
-            "preprocess": preprocess_config.to_dict(),
-            "stages": stages_json,
-            "export": {"exporter": "torch.onnx dynamo", "opset": opset, "torch": _torch_version(), "parity": parity},
-            "tiling": tiling,
-            "memory": None,
-            "calibration": None,
-            "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
-            **(extra or {}),
-            "files": file_table(staging),
+        model_section = {
+            "name": getattr(model, "model_name", type(model).__name__),
+            "architecture": type(model).__name__,
+            "kwargs": _jsonable(getattr(model, "model_kwargs", {})),
+            "task": model.task,
+            "modalities": list(model.modalities),
+            "class_names": list(model.class_names),
+            "input_size": list(model.input_size),
+            "metadata_schema": getattr(model, "metadata_schema", None),
         }
-        for entry in stages_json:  # each graph hashed once, by file_table
-            graph = entry["graphs"]["fp32"]
-            graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
-        if profile_memory:
-            from .memory_profile import measure_memory_profile
-
-            manifest["memory"] = measure_memory_profile(parse_manifest(manifest, staging), say=say)
-        if tiling is not None and "batch_size" not in tiling:
-            tiling["batch_size"] = default_tile_batch(parse_manifest(manifest, staging))
-        write_manifest(staging, manifest)
-        commit(staging, out)
+        finish_bundle(staging, out, model=model_section, preprocess=preprocess or default_preprocess(model),
+                      stages=stages_json, export={"exporter": "torch.onnx dynamo", "opset": opset,
+                                                  "torch": _torch_version(), "parity": parity},
+                      tiling=tiling_section(model), clinical=clinical, extra=extra, profile_memory=profile_memory,
+                      say=say)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     say(f"bundle written to {out}")
     return out
+
+
+def finish_bundle(staging: Path, out: Path, *, model: dict[str, Any], preprocess: PreprocessConfig,
+                  stages: list[dict[str, Any]], export: dict[str, Any], tiling: dict[str, Any] | None,
+                  clinical: dict[str, Any] | None, extra: dict[str, Any] | None, profile_memory: bool,
+                  say: Callable[[str], None]) -> None:
+    """Hash the staged graphs, measure memory, write the manifest and move ``staging`` to ``out``.
+
+    The one place a new bundle's manifest is put together (``export_bundle`` and
+    ``edgederm import``); each stage's ``graphs.fp32.file`` must already be in ``staging``.
+    """
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sdk_version": edgederm.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "preprocess": preprocess.to_dict(),
+        "stages": stages,
+        "export": export,
+        "tiling": tiling,
+        "memory": None,
+        "calibration": None,
+        "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
+        **(extra or {}),
+        "files": file_table(staging),
+    }
+    for entry in stages:  # each graph hashed once, by file_table
+        graph = entry["graphs"]["fp32"]
+        graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
+    if profile_memory:
+        from .memory_profile import measure_memory_profile
+
+        manifest["memory"] = measure_memory_profile(parse_manifest(manifest, staging), say=say)
+    if tiling is not None and "batch_size" not in tiling:
+        tiling["batch_size"] = default_tile_batch(parse_manifest(manifest, staging))
+    write_manifest(staging, manifest)
+    commit(staging, out)
 
 
 def tiling_section(model: nn.Module) -> dict[str, Any] | None:

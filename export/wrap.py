@@ -24,6 +24,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import torch
@@ -32,8 +33,10 @@ from torch import nn
 from edgederm.models.base import EdgeDermModel
 from edgederm.runtime.bundle import TASKS
 from edgederm.runtime.errors import InputError
+from edgederm.runtime.preprocess import PreprocessConfig
 
 from .onnx import ExportError
+from .preprocess_from import preprocess_for
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 MODALITY_ORDER = ("dermoscopy", "clinical", "metadata")
@@ -114,6 +117,7 @@ class WrappedModel(EdgeDermModel):
         self.metadata_schema = metadata_schema
         self.output_key = output_key
         self.probabilities = probabilities  # None (logits), "softmax" or "sigmoid"
+        self.preprocess: PreprocessConfig | None = None  # from the module's own config, when it has one
         self._input_size = (int(input_size[0]), int(input_size[1]))
         self.model_name = name or type(module).__name__
         self.model_kwargs = {"wrapped": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -185,6 +189,11 @@ def wrap_module(module: nn.Module, *, task: str, input_size: int | Sequence[int]
         out = wrapped.raw_output(*probe.values())
     _check_shape(out, task, size, names)
     wrapped.probabilities = _probability_kind(out, task, output, last.kind_for(out))
+    own = preprocess_for(module)
+    if own is not None and own.input_size != size:
+        # The config's normalisation and crop still hold at the size the caller exports.
+        own = dataclasses.replace(own, input_size=size)
+    wrapped.preprocess = own
     return wrapped
 
 
