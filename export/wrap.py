@@ -286,3 +286,22 @@ def as_edgederm_model(model: nn.Module, **declared: Any) -> EdgeDermModel:
             "(e.g. task='classify', input_size=(224, 224), class_names=[...]), or use a registered EdgeDerm model "
             "(edgederm.models.create_model)")
     return wrap_module(model, **{k: v for k, v in declared.items() if v is not None})
+
+
+def load_factory(spec: str) -> nn.Module:
+    """``package.module:callable`` -> the module the callable returns (e.g. a function
+    that builds the network and loads its fine-tuned weights)."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"--module {spec!r}; expected package.module:factory (a callable returning an nn.Module)")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"--module {spec!r}: {type(exc).__name__}: {exc}; expected an importable "
+                         "package.module:factory (is the package on PYTHONPATH?)") from None
+    built = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(built, nn.Module):
+        raise InputError(f"--module {spec!r} returned {type(built).__name__}; expected a torch.nn.Module")
+    return built
