@@ -21,6 +21,7 @@ the runtime accept:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -330,8 +331,9 @@ def import_onnx(
             log.warning("no mean/std given for %s: using 0.5/0.5; pass the model's own (--mean/--std or "
                         "--preprocess-from) or predictions will be silently wrong", src)
     elif preprocess.input_size != size:
-        raise InputError(f"preprocess input_size {preprocess.input_size} differs from the graph's {size}; "
-                         "pass a preprocessing for the graph's input size")
+        # A library config (e.g. timm's 224) gives normalisation and crop; the graph fixes the size.
+        say(f"  preprocess input size {preprocess.input_size} -> the graph's {size}")
+        preprocess = dataclasses.replace(preprocess, input_size=size)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging(out.parent, f".{out.name}.partial-")
     try:
