@@ -25,6 +25,7 @@ from edgederm.runtime.preprocess import PreprocessConfig
 from edgederm.runtime.staging import commit, make_staging
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
+from .failures import explain_export_failure
 from .wrap import as_edgederm_model
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,13 @@ def export_bundle(
         parity: dict[str, dict] = {}
         for stage in model.export_stages():
             say(f"exporting stage {stage.name} (opset {opset})")
-            path = export_stage_onnx(stage, staging / f"{stage.name}.fp32.onnx", opset=opset)
+            try:
+                path = export_stage_onnx(stage, staging / f"{stage.name}.fp32.onnx", opset=opset)
+            except ExportError as exc:
+                typed = explain_export_failure(stage.name, exc.__cause__) if exc.__cause__ is not None else None
+                if typed is None:
+                    raise
+                raise typed from exc.__cause__
             if verify:
                 report: ParityReport = check_parity(stage, path, rtol=rtol)
                 say(f"  parity vs torch: max rel diff {report.max_rel_diff:.2e} (batch {report.batch_sizes}, rtol {rtol:g})")

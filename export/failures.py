@@ -8,7 +8,7 @@ model are recognised here and raised as typed errors:
   ``nonzero``): :class:`DataDependentControlFlowError`, naming the source line;
 - an op without an ONNX translation: :class:`UnsupportedOperatorError`, naming it.
 
-Anything else keeps torch's message behind a one-line summary.
+Anything else keeps torch's message (export/onnx.py).
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ def _chain_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-def explain_export_failure(stage: str, exc: BaseException) -> ExportError:
-    """The typed error to raise for ``exc``, raised by torch while exporting ``stage``."""
+def explain_export_failure(stage: str, exc: BaseException) -> ExportError | None:
+    """The typed error to raise for ``exc`` (torch's, while exporting ``stage``); None
+    when the cause is not one of the two recognised here."""
     text = _chain_text(exc)
     match = _NO_ONNX_FUNCTION.search(text) or _UNSUPPORTED.search(text)
     if match:
@@ -68,5 +69,4 @@ def explain_export_failure(stage: str, exc: BaseException) -> ExportError:
             + ", which a static graph cannot express. Fix: compute both branches and choose with torch.where, use "
               "torch.cond for real branches, or move the decision out of the exported module (e.g. into "
               "post-processing)", where)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return ExportError(f"ONNX export of stage {stage!r} failed: {type(exc).__name__}: {first}\n{exc}")
+    return None

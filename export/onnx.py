@@ -82,9 +82,7 @@ def export_stage_onnx(stage: ExportStage, path: str | os.PathLike[str], opset: i
         os.replace(tmp, path)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
-        from .failures import explain_export_failure
-
-        raise explain_export_failure(stage.name, exc) from exc
+        raise ExportError(f"ONNX export of stage {stage.name!r} failed: {type(exc).__name__}: {exc}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
