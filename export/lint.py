@@ -456,9 +456,9 @@ def has_errors(findings: Iterable[Finding]) -> bool:
 
 def summarize(findings: list[Finding]) -> list[dict[str, Any]]:
     """One row per (graph, rule, op, message-kind): repeated findings of one op in one graph counted, not listed."""
-    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, ...], dict[str, Any]] = {}
     for f in findings:
-        key = (f.graph, f.rule, f.op, f.severity)
+        key = (f.graph, f.rule, f.op, f.severity, f.fix)
         row = rows.setdefault(key, {**f.to_dict(), "count": 0})
         row["count"] += 1
     return list(rows.values())

@@ -20,12 +20,14 @@ Every rewritten graph is checked by ``onnx.checker`` at the new opset here and, 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgederm.runtime.bundle import write_bytes_atomic
 from edgederm.runtime.targets import TargetProfile
 
 from .onnx import ExportError
@@ -194,4 +196,13 @@ def to_target_forms(model: onnx.ModelProto, target: TargetProfile) -> TargetForm
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # onnx raises several exception types; all mean the rewrite is wrong
         raise ExportError(f"graph rewritten for {target.name} does not check: {type(exc).__name__}: {exc}") from exc
+    return forms
+
+
+def rewrite_file_for_target(path: str | os.PathLike[str], target: TargetProfile) -> TargetForms:
+    """:func:`to_target_forms` on the graph file at ``path``, replaced atomically when anything changed."""
+    model = onnx.load(str(path))
+    forms = to_target_forms(model, target)
+    if forms.rewrites or forms.opset != default_opset(onnx.load(str(path), load_external_data=False)):
+        write_bytes_atomic(path, model.SerializeToString())
     return forms
