@@ -12,8 +12,8 @@ Rules, each finding naming graph, node, op, target and the fix:
   contrib ops such as the fused Gelu and MatMulInteger of int8_dynamic graphs): the
   parser has no importer for it.
 - ``operator``: an op the table marks unsupported or does not list, or a table
-  restriction this module can check on the graph (constant axes, constant weights,
-  Resize modes, the first output only).
+  restriction this module can check on the graph (constant axes, Resize modes,
+  the first output only).
 - ``type``: graph inputs, outputs and initializers of a type the parser refuses, INT64
   that TensorRT 8.x narrows to INT32 (I/O bindings become int32; values outside int32
   are clamped), DOUBLE that every release narrows to FLOAT.
@@ -292,13 +292,6 @@ class _Linter:
                 and node.input[axes_input] and not g.is_constant(node.input[axes_input]):
             self.add("operator", "error", name, op, f"{op} {name!r} takes its axes from a tensor computed at run time",
                      "make the axes a constant (fold shapes at export)", ref)
-        if op in ("Conv", "ConvTranspose") and "must be an initializer" in text and len(node.input) > 1:
-            weight = node.input[1]
-            producer = g.producers.get(weight)
-            dq_of_constant = producer is not None and producer.op_type == "DequantizeLinear" and g.is_constant(producer.input[0])
-            if not g.is_constant(weight) and not dq_of_constant:
-                self.add("operator", "error", name, op, f"{op} {name!r} weights are computed at run time",
-                         "keep weights as initializers (no weight arithmetic in the graph)", ref)
         if op == "Resize":
             mode = _attr(node, "mode", b"nearest")
             mode = mode.decode() if isinstance(mode, bytes) else mode
