@@ -69,3 +69,17 @@ def test_profiles_load_without_torch_or_onnx():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert int(out.stdout) == len(target_names())
+
+
+def test_docs_list_every_profile_fact_and_source():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "scripts/target_profiles_doc.py", "--out", "docs/target-profiles.md", "--check"],
+                          capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    text = (repo / "docs" / "target-profiles.md").read_text()
+    for profile in all_targets():
+        assert f"## {profile.name}" in text
+        assert all(ref.url in text for ref in profile.sources.values())
