@@ -369,10 +369,12 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------
-def _target_names() -> list[str]:
+def _target_option(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    """--target TARGET: one of the device profiles (runtime/target_profiles)."""
     from edgederm.runtime.targets import target_names
 
-    return target_names()
+    p.add_argument("--target", required=required, default=None, metavar="TARGET", choices=target_names(),
+                   help=help + " One of: %(choices)s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,9 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset the exporter writes (18, its native one); "
                    "for TensorRT 8.5/8.6 pass --target, which converts to 17")
-    p.add_argument("--target", default=None, metavar="TARGET", choices=_target_names(),
-                   help="device profile: write the graph forms its TensorRT parser takes, record it, then lint "
-                        "(exit status 1 on findings). One of: %(choices)s")
+    _target_option(p, "device profile: write the graph forms its TensorRT parser takes, record it in the manifest, "
+                      "then lint (exit status 1 on findings).")
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=cmd_export)
@@ -443,8 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modelopt: TensorRT-oriented QDQ placement by nvidia-modelopt (needs --activation-type int8)")
     p.add_argument("--sensitivity-seconds", type=float, default=60.0, help="time budget of the per-node sensitivity, per stage")
     p.add_argument("--max-images", type=int, default=64, help="calibration images to sample (seeded, stratified)")
-    p.add_argument("--target", default=None, metavar="TARGET", choices=_target_names(),
-                   help="lint the new graphs for this device profile afterwards (exit status 1 on findings)")
+    _target_option(p, "lint the new graphs for this device profile afterwards (exit status 1 on findings).")
     p.add_argument("--eval", type=Path, default=None, help="held-out folder for the fidelity report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "domains and INT8 Q/DQ placement. Each finding names graph, node, op, target and the fix. "
                                    "Exit status 0: no findings; 1: findings; 2: the bundle or target cannot be read.")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--target", required=True, metavar="TARGET", choices=_target_names(), help="one of: %(choices)s")
+    _target_option(p, "the device profile whose TensorRT parser to check against.", required=True)
     p.add_argument("--precision", action="append", help="only graphs of this precision (repeatable; default all)")
     p.add_argument("--json", action="store_true", help="print every finding as JSON")
     p.set_defaults(func=cmd_lint)
@@ -636,8 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "TensorRT and CUDA installed and the target profiles of that release. With --bundle / "
                                    "--target, every mismatch with the bundle's target and engines (exit status 1 if any).")
     p.add_argument("--bundle", type=Path, default=None, help="check this bundle's target and TensorRT engines against this device")
-    p.add_argument("--target", default=None, metavar="TARGET", choices=_target_names(),
-                   help="check this device against a target profile: %(choices)s")
+    _target_option(p, "check this device against a target profile.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 

@@ -186,7 +186,7 @@ def target_mismatches(facts: DeviceFacts, target: TargetProfile) -> List[str]:
 def engine_mismatches(facts: DeviceFacts, engines: List[Mapping[str, Any]]) -> List[str]:
     """Engines that would not deserialize here: TensorRT release (major.minor.patch) and the Jetson's compute capability."""
     problems = []
-    expected_cc = {load_target(t).compute_capability for t in facts.targets}
+    expected_cc = {str(load_target(t).compute_capability) for t in facts.targets}
     for entry in engines:
         built = entry.get("target") or {}
         name = f"engine {entry.get('file')!r} ({entry.get('stage')}, {entry.get('precision')})"

@@ -42,6 +42,7 @@ def export_zoo_graphs(names: Iterable[str], out_dir: Path, say: Callable[[str], 
     import torch
 
     from edgederm.models import create_model
+    from edgederm.models.base import EdgeDermModel
 
     from .onnx import export_stage_onnx
 
@@ -49,6 +50,7 @@ def export_zoo_graphs(names: Iterable[str], out_dir: Path, say: Callable[[str], 
     for name in names:
         torch.manual_seed(0)
         model = create_model(name).eval()
+        assert isinstance(model, EdgeDermModel)
         for stage in model.export_stages():
             path = out_dir / f"{name}.{stage.name}.onnx"
             if not path.is_file():
