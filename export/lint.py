@@ -318,10 +318,10 @@ class _Linter:
                 self.add("qdq", "error", name, op, f"{op} {name!r} scale is not a constant",
                          "calibrate scales into initializers (edgederm quantize does)", ref)
             zero = g.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-            qtype = "INT8" if zero is None else TYPE_NAMES.get(g.constants[node.input[2]].data_type, "?")
-            if op == "DequantizeLinear" and g.is_constant(node.input[0]):
-                qtype = TYPE_NAMES.get(g.constants[node.input[0]].data_type, qtype)
-            if qtype == "INT32" and op == "DequantizeLinear":
+            qtype = _quantized_type(g, node, zero)
+            if qtype is None:
+                pass  # a DequantizeLinear of an activation: its QuantizeLinear carries the type
+            elif qtype == "INT32" and op == "DequantizeLinear":
                 self.add("qdq", "error", name, op, f"DequantizeLinear {name!r} reads a bias quantized to INT32; "
                          f"the {self.trt} parser's DequantizeLinear takes {', '.join(self.table.operators[op]['types'])}",
                          "keep biases float in graphs for TensorRT (ONNX Runtime quantization option QuantizeBias=False)",
@@ -395,6 +395,17 @@ class _Linter:
             for sub in _subgraphs(node):
                 self.walk(sub, g.constants, top=False)
         self.qdq(g)
+
+
+def _quantized_type(g: _Graph, node: onnx.NodeProto, zero: np.ndarray | None) -> str | None:
+    """The integer type a Q/DQ node quantizes to; None where only its partner node says."""
+    if node.op_type == "DequantizeLinear" and g.is_constant(node.input[0]):
+        return TYPE_NAMES.get(g.constants[node.input[0]].data_type, "?")
+    if zero is not None:
+        return TYPE_NAMES.get(g.constants[node.input[2]].data_type, "?")
+    if node.op_type == "QuantizeLinear":  # ONNX: without a zero point (or output_dtype) the output is uint8
+        return TYPE_NAMES.get(int(_attr(node, "output_dtype", 0)) or onnx.TensorProto.UINT8, "?")
+    return None
 
 
 def _domain_fix(node: onnx.NodeProto) -> str:

@@ -242,3 +242,11 @@ def test_lint_cli_exit_status_and_json(tmp_path):
     assert clean.returncode == 0 and "no findings for jetson-orin-nx-jp60" in clean.stdout
     unknown = run("--target", "orin")
     assert unknown.returncode == 2 and "invalid choice: 'orin'" in unknown.stderr
+
+
+def test_quantize_without_zero_point_is_uint8():
+    graph = model([helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="q"),
+                   helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dq")],
+                  [vi("x", ["batch", 4])], [vi("y", None)], [numpy_helper.from_array(np.array(0.1, np.float32), "s")])
+    [f] = lint_model(graph, TRT10)
+    assert (f.node, f.rule) == ("q", "qdq") and "quantizes to UINT8" in f.message
