@@ -84,3 +84,37 @@ def test_int8_dynamic_graph_is_flagged_for_every_tensorrt(tiny_bundle, synthetic
         # The static int8 graph of the same bundle (uint8 activations, ORT's default) is flagged on its own terms.
         int8 = {(f.rule, f.op) for f in lint_bundle(bundle, target, precisions=["int8"])}
         assert ("qdq", "QuantizeLinear") in int8
+
+
+@pytest.mark.slow
+def test_export_and_quantize_with_a_target(tmp_path, synthetic_data):
+    """`export --target` writes opset 17 without LayerNormalization, parity-checked against torch, records the
+    target and lints clean; `quantize --target` lints the new graphs (ORT's static int8 keeps INT32 biases)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    out = tmp_path / "bundle"
+    repo = Path(__file__).resolve().parents[1]
+    cli = [sys.executable, "-m", "edgederm.cli"]
+    export = subprocess.run([*cli, "export", "remixformer_tiny", "--out", str(out), "--target", "jetson-orin-nano-4gb-jp5"],
+                            capture_output=True, text=True, timeout=900, cwd=repo)
+    assert export.returncode == 0, export.stdout + export.stderr
+    assert "lint: no findings for jetson-orin-nano-4gb-jp5" in export.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "jetson-orin-nano-4gb-jp5" and manifest["export"]["opset"] == 17
+    assert all(p["passed"] for p in manifest["export"]["parity"].values())
+    for stage in manifest["stages"]:
+        graph = onnx.load(str(out / stage["graphs"]["fp32"]["file"]))
+        assert graph.opset_import[0].version == 17
+        assert "LayerNormalization" not in {n.op_type for n in graph.graph.node}
+        assert manifest["target"]["stages"][stage["name"]]["rewrites"]
+    quantize = subprocess.run([*cli, "quantize", str(out), "--calib", str(synthetic_data / "train"), "--max-images", "8",
+                               "--no-fallback", "--activation-type", "int8", "--target", "jetson-orin-nano-4gb-jp5"],
+                              capture_output=True, text=True, timeout=900, cwd=repo)
+    assert quantize.returncode == 1, quantize.stdout + quantize.stderr
+    assert "reads a bias quantized to INT32" in quantize.stdout and "UINT8" not in quantize.stdout
+    assert lint_bundle(out, "jetson-orin-nano-4gb-jp5", precisions=["fp32"]) == []
