@@ -100,7 +100,7 @@ def test_export_and_quantize_with_a_target(tmp_path, synthetic_data):
     out = tmp_path / "bundle"
     repo = Path(__file__).resolve().parents[1]
     cli = [sys.executable, "-m", "edgederm.cli"]
-    export = subprocess.run([*cli, "export", "remixformer_tiny", "--out", str(out), "--target", "jetson-orin-nano-4gb-jp5"],
+    export = subprocess.run([*cli, "export", "hifuse_tiny", "--out", str(out), "--target", "jetson-orin-nano-4gb-jp5"],
                             capture_output=True, text=True, timeout=900, cwd=repo)
     assert export.returncode == 0, export.stdout + export.stderr
     assert "lint: no findings for jetson-orin-nano-4gb-jp5" in export.stdout
