@@ -50,6 +50,8 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Slice starts/ends of "to the end" are written as INT64 extremes; clamping them to int32 keeps their meaning.
 CLAMP_SAFE_INPUTS = {("Slice", 1), ("Slice", 2)}
 WEIGHT_OPS = {"Conv": 0, "ConvTranspose": 1, "MatMul": -1, "Gemm": None}  # op -> output-channel axis of its weight
+# Taken with the limits the tables' notes state (INT32/INT64 narrowed or native, UINT8 at the graph's I/O).
+LIMITED_TYPES = ("INT32", "INT64", "UINT8")
 TYPE_NAMES = {v: k for k, v in onnx.TensorProto.DataType.items()}
 TYPE_ALIASES = {"FP8": "FLOAT8E4M3FN", "INT4": "INT4"}
 
@@ -238,16 +240,13 @@ class _Linter:
 
     def _type(self, dtype: str, where: str, op: str, what: str, binding: bool = False) -> None:
         ref = f"onnx-tensorrt {self.table.release} docs/operators.md: data types {', '.join(self.table.data_types)}"
-        if dtype == "INT64" and self.table.narrows_int64:
-            if binding:
-                self.add("type", "warning", where, op, f"{what} is INT64; {self.trt} binds it as INT32",
-                         "feed and read it as int32 on the device (values must fit in int32)", ref)
-        elif dtype == "DOUBLE":
+        if dtype == "DOUBLE":
             self.add("type", "warning", where, op, f"{what} is DOUBLE; {self.trt} narrows it to FLOAT (clamped to +-FLT_MAX)",
                      "export in float32", ref)
-        elif dtype in ("INT32", "INT64", "BOOL", "UINT8") and binding:
-            return  # I/O types every table above 8.5 binds (UINT8 since 8.5 GA)
-        elif dtype not in self.table.data_types and dtype not in ("INT32", "INT64", "UINT8"):
+        elif dtype == "INT64" and self.table.narrows_int64 and binding:
+            self.add("type", "warning", where, op, f"{what} is INT64; {self.trt} binds it as INT32",
+                     "feed and read it as int32 on the device (values must fit in int32)", ref)
+        elif dtype not in (*self.table.data_types, *LIMITED_TYPES, "UNDEFINED"):
             self.add("type", "error", where, op, f"{what} is {dtype}, a type {self.trt} does not take",
                      "cast to float32 / int32 in the model before export", ref)
 
