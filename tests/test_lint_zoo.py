@@ -50,9 +50,13 @@ def check(rows: list[ZooLintRow]) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_rows(tmp_path_factory):
-    graphs = export_zoo_graphs(list_models(paper_size=False), tmp_path_factory.mktemp("zoo"))
-    return lint_graphs(graphs, target_names())
+def tiny_graphs(tmp_path_factory):
+    return export_zoo_graphs(list_models(paper_size=False), tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(tiny_graphs):
+    return lint_graphs(tiny_graphs, target_names())
 
 
 @pytest.mark.slow
@@ -118,3 +122,27 @@ def test_export_and_quantize_with_a_target(tmp_path, synthetic_data):
     assert quantize.returncode == 1, quantize.stdout + quantize.stderr
     assert "reads a bias quantized to INT32" in quantize.stdout and "UINT8" not in quantize.stdout
     assert lint_bundle(out, "jetson-orin-nano-4gb-jp5", precisions=["fp32"]) == []
+
+
+@pytest.mark.slow
+def test_target_rewrites_keep_every_tiny_graphs_outputs(tiny_graphs, tmp_path_factory):
+    """What `export --target` rewrites computes what the exporter's graph computes (ONNX Runtime, random inputs)."""
+    import numpy as np
+    import onnx
+
+    from edgederm.export.target_forms import to_target_forms
+    from edgederm.runtime.backends.onnxruntime import cpu_session
+
+    rng = np.random.default_rng(0)
+    for name, stage, path in tiny_graphs:
+        for target in ("jetson-orin-nano-4gb-jp5", "jetson-orin-nx-jp60"):
+            adapted = onnx.load(str(path))
+            to_target_forms(adapted, load_target(target))
+            rewritten = tmp_path_factory.mktemp("forms") / f"{name}.{stage}.onnx"
+            onnx.save(adapted, str(rewritten))
+            before, after = cpu_session(path), cpu_session(rewritten)
+            feed = {i.name: rng.standard_normal([2 if not isinstance(d, int) else d for d in i.shape]).astype(np.float32)
+                    for i in before.get_inputs()}
+            for want, got in zip(before.run(None, feed), after.run(None, feed)):
+                scale = float(np.abs(want).max()) + 1e-12
+                assert float(np.abs(want - got).max()) / scale < 1e-5, (name, stage, target)
