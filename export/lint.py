@@ -432,7 +432,8 @@ def lint_model(model: onnx.ModelProto | str | os.PathLike[str], target: str | Ta
         try:
             model = onnx.load(str(model), load_external_data=False)
         except Exception as exc:
-            raise LintError(f"cannot read ONNX graph {graph_name!r}: {type(exc).__name__}: {exc}") from exc
+            raise LintError(f"cannot read ONNX graph {graph_name!r} ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "an encrypted bundle is linted before `edgederm encrypt`") from exc
     linter = _Linter(profile, graph_name or model.graph.name or "graph")
     linter.opset(model)
     linter.walk(model.graph)
@@ -446,15 +447,11 @@ def lint_bundle(bundle: str | os.PathLike[str], target: str | TargetProfile,
     wanted = set(precisions) if precisions is not None else None
     findings: list[Finding] = []
     for stage in manifest.stages:
-        for precision in stage["graphs"]:
+        for precision in stage.graphs:
             if wanted is None or precision in wanted:
                 path = manifest.graph_path(stage, precision)
                 findings += lint_model(path, target, graph_name=path.name)
     return findings
-
-
-def has_errors(findings: Iterable[Finding]) -> bool:
-    return any(f.severity == "error" for f in findings)
 
 
 def summarize(findings: list[Finding]) -> list[dict[str, Any]]:

@@ -107,13 +107,12 @@ def test_mismatches_of_a_manifest():
 
 
 @pytest.mark.slow
-def test_doctor_cli_exit_status(tmp_path):
-    manifest = {"format": "edgederm-bundle", "format_version": 1, "model": {}, "stages": [], "files": {},
-                "target": {"name": "jetson-orin-nano-4gb-jp5"}}
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
-    proc = subprocess.run([sys.executable, "-m", "edgederm.cli", "doctor", "--bundle", str(bundle), "--json"],
+def test_doctor_cli_exit_status(bundle_copy):
+    manifest_path = bundle_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["target"] = {"name": "jetson-orin-nano-4gb-jp5"}
+    manifest_path.write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, "-m", "edgederm.cli", "doctor", "--bundle", str(bundle_copy), "--json"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     report = json.loads(proc.stdout)
     if report["jetson"] == "no":  # this machine: the Jetson target cannot match
