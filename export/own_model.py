@@ -77,7 +77,7 @@ def export_module_cli(args: argparse.Namespace) -> int:
                   class_names=parse_list(args.classes, "classes"), output=args.output or "auto",
                   output_key=int(args.output_key) if args.output_key and args.output_key.lstrip("-").isdigit()
                   else args.output_key, preprocess=_preprocess(args, size), opset=args.opset,
-                  verify=not args.no_verify, overwrite=args.overwrite, progress=print)
+                  verify=not args.no_verify, overwrite=args.overwrite, progress=print, target=args.target)
     return 0
 
 
