@@ -246,6 +246,37 @@ def test_imported_onnx_predicts_like_torch(tmp_path, layout):
     assert np.abs(together - alone).max() <= 1e-5
 
 
+class _RowMixing(nn.Module):
+    """Each row's output depends on the whole batch: the batch must stay fixed at 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.fc(self.conv(x).mean((2, 3))) * (1 + 0.1 * x.mean(0).sum().tanh())
+
+
+def test_import_keeps_a_batch_that_rows_share_and_quantize_feeds_it(tmp_path, calib_images):
+    from edgederm.calibration import quantize_bundle
+
+    torch.manual_seed(0)
+    net = _RowMixing().eval()
+    path = _torchscript_export(net, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", dynamic=False)
+    bundle = import_onnx(path, tmp_path / "b", task="classify", class_names=["a", "b", "c"], mean=(0.5,) * 3,
+                         std=(0.5,) * 3, profile_memory=False)
+    manifest = load(bundle).manifest
+    assert manifest.stages[0].inputs[0].shape == (1, 3, 32, 32)
+    assert manifest.data["export"]["import"]["batch"] == "fixed 1"
+    image = smooth_images(1, 32, 32)[0]
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(preprocess(image, manifest.preprocess))[None])[0], 0).numpy()
+    assert np.abs(runtime_probabilities(bundle, image) - expected).max() <= 1e-5
+    quantize_bundle(bundle, calib_images, max_images=4, target_agreement=None, say=lambda m: None)
+    assert load(bundle, precision="int8").predict(dermoscopy=image).precision == "int8"
+
+
 def test_import_refuses_an_op_onnx_runtime_lacks(tmp_path):
     helper = onnx.helper
     graph = helper.make_graph([helper.make_node("LesionMagic", ["x"], ["y"], domain="com.example")], "g",
