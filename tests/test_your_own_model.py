@@ -229,6 +229,9 @@ def test_imported_onnx_predicts_like_torch(tmp_path, layout):
     manifest = load(bundle).manifest
     assert manifest.stages[0].inputs[0].shape == ("batch", 3, 32, 32)
     assert manifest.data["export"]["import"]["removed"] == "Softmax"
+    from edgederm.export.lint import lint_bundle
+
+    assert lint_bundle(bundle, "x86-trt10") == []  # TensorRT 10's parser takes the adapted graph
     images = smooth_images(5, 32, 32)
     config = manifest.preprocess
     for image in images:
