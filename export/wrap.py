@@ -155,7 +155,7 @@ class WrappedModel(EdgeDermModel):
 
 
 def wrap_module(module: nn.Module, *, task: str, input_size: int | Sequence[int], class_names: Sequence[str],
-                modalities: Sequence[str] = ("dermoscopy",), metadata_schema: dict | None = None,
+                modalities: Sequence[str] = ("dermoscopy",), metadata_schema: str | dict | None = None,
                 output: str = "auto", output_key: str | int | None = None, name: str | None = None) -> WrappedModel:
     """Declare ``module`` as a one-stage EdgeDerm model, checking its output on a probe.
 
@@ -181,6 +181,10 @@ def wrap_module(module: nn.Module, *, task: str, input_size: int | Sequence[int]
     if "metadata" in modalities and metadata_schema is None:
         raise InputError("modalities include 'metadata' but no metadata_schema was given; pass the schema "
                          "(fields, categories, encoding: edgederm.runtime.metadata) the module was trained with")
+    if metadata_schema is not None:
+        from edgederm.runtime.metadata import load_schema
+
+        metadata_schema = load_schema(metadata_schema).to_dict()  # a bundled name or a dict, stored whole
     ordered = [m for m in MODALITY_ORDER if m in modalities]
     wrapped = WrappedModel(module.eval(), task=task, input_size=size, class_names=names, modalities=ordered,
                            metadata_schema=metadata_schema, output_key=output_key, name=name)

@@ -82,6 +82,36 @@ class _Functional(nn.Module):
         return {"probs": torch.softmax(self.net(x), dim=1), "features": x.mean((2, 3))}
 
 
+class _WithMetadata(nn.Module):
+    def __init__(self, metadata_dim: int) -> None:
+        super().__init__()
+        self.image = TinyNet(classes=4)
+        self.metadata = nn.Linear(metadata_dim, 4)
+
+    def forward(self, image, metadata):  # noqa: ANN001, ANN201
+        return self.image(image) + self.metadata(metadata)
+
+
+def test_module_with_metadata_input_gets_the_encoded_record(tmp_path):
+    from edgederm.runtime.metadata import load_schema
+
+    schema = load_schema("ham10000")
+    torch.manual_seed(0)
+    net = _WithMetadata(schema.dim).eval()
+    config = PreprocessConfig(input_size=(32, 32), resize="none")
+    bundle = export_bundle(net, tmp_path / "b", task="classify", input_size=32, class_names=["a", "b", "c", "d"],
+                           modalities=("dermoscopy", "metadata"), metadata_schema="ham10000", preprocess=config,
+                           profile_memory=False)
+    assert [i.source for i in load(bundle).manifest.stages[0].inputs] == ["dermoscopy", "metadata"]
+    image = smooth_images(1, 32, 32)[0]
+    record = {"age": 60, "sex": "male", "localization": "back"}
+    with torch.no_grad():
+        logits = net(torch.from_numpy(preprocess(image, config))[None],
+                     torch.from_numpy(schema.encode(record))[None].float())[0]
+    got = load(bundle).predict(dermoscopy=image, metadata=record)
+    assert np.abs(np.array(list(got.probabilities.values())) - torch.softmax(logits, 0).numpy()).max() <= 1e-5
+
+
 def test_dict_output_needs_the_right_key(tmp_path):
     torch.manual_seed(0)
     module = _Functional(TinyNet().eval())
