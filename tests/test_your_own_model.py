@@ -112,6 +112,19 @@ def test_module_with_metadata_input_gets_the_encoded_record(tmp_path):
     assert np.abs(np.array(list(got.probabilities.values())) - torch.softmax(logits, 0).numpy()).max() <= 1e-5
 
 
+def test_segmenter_with_softmax_channels_is_not_soft_maxed_twice(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Softmax(dim=1)).eval()
+    config = PreprocessConfig(input_size=(32, 32), resize="none")
+    bundle = export_bundle(net, tmp_path / "b", task="segment", input_size=32, class_names=["background", "lesion"],
+                           preprocess=config, profile_memory=False)
+    image = smooth_images(1, 32, 32)[0]
+    with torch.no_grad():
+        expected = 1 - net(torch.from_numpy(preprocess(image, config))[None])[0, 0].numpy()
+    heatmap = load(bundle).predict(dermoscopy=image).heatmap
+    assert np.abs(heatmap - expected).max() <= 1e-4
+
+
 def test_dict_output_needs_the_right_key(tmp_path):
     torch.manual_seed(0)
     module = _Functional(TinyNet().eval())
