@@ -19,7 +19,8 @@ from .onnx import ExportError
 _NO_ONNX_FUNCTION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
 _UNSUPPORTED = re.compile(r"[Uu]nsupported (?:ONNX )?op(?:erator)?[^'\"]*['\"]([\w.:]+)['\"]")
 _DATA_DEPENDENT = ("data-dependent", "GuardOnDataDependentSymNode", "DataDependentOutputException")
-_CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\s*\n\s*(.+)')
+_CALL_SITE = re.compile(r'The following call raised this error:\s*\n'
+                        r'\s*File "([^"]+)", line (\d+), in (\w+)\s*\n\s*(.+)')
 
 
 class DataDependentControlFlowError(ExportError):

@@ -38,6 +38,7 @@ from edgederm.runtime.staging import make_staging
 from .bundle import finish_bundle
 from .failures import UnsupportedOperatorError
 from .onnx import ExportError
+from .preprocess_from import explicit
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def _check(model: Any, path: Path) -> Any:
         message = str(exc)
         if "No Op registered for" in message:
             op = message.split("No Op registered for", 1)[1].split()[0]
-            raise UnsupportedOperatorError(f"{path}: the op {op} is not an ONNX standard op at this opset; "
-                                           "re-export the model without it or with a standard replacement", op) from None
+            raise UnsupportedOperatorError(
+                f"{path}: the op {op} is not an ONNX standard op at this opset; re-export the model without it "
+                "or with a standard replacement", op) from None
         raise ExportError(f"{path} is not a valid ONNX graph: {message.splitlines()[0]}; re-export it") from None
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -255,7 +257,8 @@ def import_onnx(
     try:
         model = onnx.load(str(src))
     except Exception as exc:  # noqa: BLE001 - protobuf decode errors have no common type
-        raise InputError(f"cannot read {src} as ONNX ({type(exc).__name__}: {exc}); expected a .onnx model file") from None
+        raise InputError(f"cannot read {src} as ONNX ({type(exc).__name__}: {exc}); "
+                         "expected a .onnx model file") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     custom = _custom_ops(model)
     model = _check(model, src)
@@ -311,7 +314,8 @@ def import_onnx(
             batched = _run(_session(candidate.SerializeToString(), src, custom), probe)
             expected = np.concatenate(single)
             scale = float(np.abs(expected).max()) + 1e-12
-            dynamic = batched.shape == expected.shape and float(np.abs(batched - expected).max()) / scale <= ROW_TOLERANCE
+            dynamic = (batched.shape == expected.shape
+                       and float(np.abs(batched - expected).max()) / scale <= ROW_TOLERANCE)
         except Exception as exc:  # noqa: BLE001 - any failure means the batch cannot be freed safely
             log.debug("batch axis stays fixed: %s", exc)
         if dynamic:
@@ -325,8 +329,7 @@ def import_onnx(
     out_shape = [batch_dim, *[int(d) for d in result.shape[1:]]]
     stage_name = "segmenter" if task == "segment" else "classifier"
     if preprocess is None:
-        preprocess = PreprocessConfig(input_size=size, **({"mean": tuple(mean)} if mean is not None else {}),
-                                      **({"std": tuple(std)} if std is not None else {}))
+        preprocess = explicit(size, mean, std)
         if mean is None or std is None:
             log.warning("no mean/std given for %s: using 0.5/0.5; pass the model's own (--mean/--std or "
                         "--preprocess-from) or predictions will be silently wrong", src)
@@ -353,7 +356,7 @@ def import_onnx(
             tiling = {"tile": size[0], "overlap": DEFAULT_OVERLAP, "blend": DEFAULT_BLEND}
             if not dynamic:
                 tiling["batch_size"] = 1
-        model_section = {"name": src.stem, "architecture": "imported ONNX", "kwargs": {}, "task": task,
+        model_section: dict[str, Any] = {"name": src.stem, "architecture": "imported ONNX", "kwargs": {}, "task": task,
                          "modalities": ["dermoscopy"], "class_names": names, "input_size": list(size),
                          "metadata_schema": None}
         export = {"exporter": "edgederm import", "source": src.name, "opset": opset,

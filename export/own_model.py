@@ -8,6 +8,8 @@ from typing import Any
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.preprocess import PreprocessConfig
 
+from .preprocess_from import explicit, preprocess_from
+
 
 def parse_hw(text: str | None) -> tuple[int, int] | None:
     """``224`` -> (224, 224); ``256x192`` (or ``256,192``) -> (256, 192)."""
@@ -33,7 +35,8 @@ def parse_list(text: str | None, what: str, number: bool = False) -> list[Any] |
         except ValueError:
             values = []
         if len(values) != 3:
-            raise InputError(f"--{what} {text!r}; expected three numbers R,G,B on the 0..1 scale, e.g. 0.485,0.456,0.406")
+            raise InputError(f"--{what} {text!r}; expected three numbers R,G,B on the 0..1 scale, "
+                             "e.g. 0.485,0.456,0.406")
         return values
     if not items:
         raise InputError(f"--{what} {text!r}; expected comma-separated names, e.g. nevus,melanoma,bcc")
@@ -45,8 +48,6 @@ def _preprocess(args: argparse.Namespace, input_size: tuple[int, int] | None) ->
     if args.preprocess_from is not None:
         if mean is not None or std is not None:
             raise InputError("give --preprocess-from or --mean/--std, not both")
-        from .preprocess_from import preprocess_from
-
         config = preprocess_from(args.preprocess_from)
         if input_size is not None and config.input_size != input_size:
             import dataclasses
@@ -57,8 +58,7 @@ def _preprocess(args: argparse.Namespace, input_size: tuple[int, int] | None) ->
         return None
     if input_size is None:
         raise InputError("--mean/--std need --input-size")
-    return PreprocessConfig(input_size=input_size, **({"mean": tuple(mean)} if mean else {}),
-                            **({"std": tuple(std)} if std else {}))
+    return explicit(input_size, mean, std)
 
 
 def export_module_cli(args: argparse.Namespace) -> int:

@@ -136,7 +136,8 @@ def from_hf(source: Any) -> PreprocessConfig:
         raise InputError(f"{where}: rescale_factor={cfg.get('rescale_factor')}; only 1/255 (pixels to 0..1) is "
                          "supported")
     if cfg.get("do_normalize", True):
-        mean, std = _triple(cfg.get("image_mean"), "image_mean", where), _triple(cfg.get("image_std"), "image_std", where)
+        mean = _triple(cfg.get("image_mean"), "image_mean", where)
+        std = _triple(cfg.get("image_std"), "image_std", where)
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if not cfg.get("do_rescale", True):  # the model takes 0..255 values
@@ -171,7 +172,8 @@ def preprocess_from(spec: str) -> PreprocessConfig:
     readers = {"timm": from_timm, "torchvision": from_torchvision, "hf": from_hf}
     if kind not in readers or not name:
         raise InputError(f"--preprocess-from {spec!r}; expected one of {', '.join(k + ':NAME' for k in SOURCES)}, "
-                         "e.g. timm:efficientnet_b0, torchvision:ResNet18_Weights.DEFAULT, hf:./preprocessor_config.json")
+                         "e.g. timm:efficientnet_b0, torchvision:ResNet18_Weights.DEFAULT, "
+                         "hf:./preprocessor_config.json")
     return readers[kind](name)
 
 
@@ -185,7 +187,7 @@ def preprocess_for(module: Any) -> PreprocessConfig | None:
 
 def explicit(input_size: Sequence[int], mean: Sequence[float] | None, std: Sequence[float] | None,
              resize: str = "stretch") -> PreprocessConfig:
-    """``--mean/--std`` given by hand (ImageNet's when absent is NOT assumed: 0.5/0.5 is the default)."""
+    """``--mean/--std`` given by hand; one left out keeps PreprocessConfig's default (0.5)."""
     kwargs: dict[str, Any] = {"input_size": (int(input_size[0]), int(input_size[1])), "resize": resize}
     if mean is not None:
         kwargs["mean"] = tuple(mean)
