@@ -83,6 +83,46 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0 if target_report.get("reached", True) else 3
 
 
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from edgederm.evaluate import EvaluateOptions, evaluate, write_report
+
+    precisions = None if args.precision == "all" else _names(args.precision)
+    folder = args.report or Path(f"evaluation-{args.bundle.resolve().name}")
+    options = EvaluateOptions(precisions=precisions, by=_names(args.by), workers=args.workers,
+                              malignant=_names(args.malignant) if args.malignant else None, n_boot=args.bootstrap,
+                              seed=args.seed, layout=args.layout, backend=args.backend, progress=True, limit=args.limit)
+    evaluation = evaluate(args.bundle, args.data, folder, options)
+    page = write_report(evaluation, folder)
+    if args.json:
+        _print_json(evaluation)
+        return 0
+    comparison = evaluation["comparison"]
+    rows = []
+    for metric, per in comparison.get("metrics", {}).items():
+        if "[" in metric:
+            continue
+        row: dict[str, Any] = {"metric": metric}
+        for precision, entry in per.items():
+            value, change = entry["value"], entry["change"]
+            row[precision] = "n/a" if value is None else f"{value:.4f}"
+            if precision != comparison["reference"] and change is not None:
+                row[precision] += f" ({change:+.4f})"
+        rows.append(row)
+    print(_table(rows, ["metric", *evaluation["precisions"]]))
+    for precision, summary in evaluation["precisions"].items():
+        for field, sub in (summary.get("subgroups") or {}).items():
+            if sub["flagged"]:
+                gap = sub["gaps"][sub["largest_gap"]]
+                print(f"{precision}: {field}: {sub['largest_gap']} gap {gap['gap']:.3f} "
+                      f"({gap['best']} {gap['best_value']:.3f} vs {gap['worst']} {gap['worst_value']:.3f}) FLAGGED")
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_bench_precision(args: argparse.Namespace) -> int:
     from edgederm.bench_precision import run_benchmark, summarize
 
@@ -400,6 +440,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("evaluate", help="clinical metrics of a bundle on labelled data, per precision and subgroup, "
+                                        "with an HTML report",
+                       description="Run BUNDLE through the runtime (the code a device runs, tiling included) on DATA (any "
+                                   "layout the dataset readers know) and report per-class sensitivity, specificity, PPV, "
+                                   "NPV, F1, AUROC with bootstrap 95%% intervals, ECE and a reliability diagram, Brier, "
+                                   "referral figures, Dice/IoU/HD95 for segmenters, subgroups (--by) with the largest gap "
+                                   "flagged, and every precision side by side. Finished cases are kept in "
+                                   "REPORT/cases/: an interrupted run resumes where it stopped.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("data", type=Path, help="labelled dataset folder or CSV (edgederm, ham10000, isic, pad_ufes_20, ...)")
+    p.add_argument("--precision", default="all", help="all (default) or a comma list: fp32,int8,...")
+    p.add_argument("--by", default="", help="subgroup fields, comma separated: metadata fields (site,sex,age) "
+                                            "and/or skin_tone (Fitzpatrick from the metadata, else ITA from the image)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="folder for report.html, evaluation.json, the plots and the resumable cases "
+                        "(default: evaluation-<bundle name>)")
+    p.add_argument("--workers", type=int, default=1, help="processes predicting in parallel (default 1)")
+    p.add_argument("--malignant", default=None,
+                   help="malignant class names, comma separated (default: the bundle's, e.g. melanoma)")
+    p.add_argument("--layout", default="auto", help="dataset layout (default: detected)")
+    p.add_argument("--backend", default="auto", help="runtime backend (default auto)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--json", action="store_true", help="print every number as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench-precision", help="CPU benchmark: window encoder fp32 vs INT8 forms (QDQ/QOperator, U8S8/S8S8, dynamic) vs PyTorch",
                        description="RemixFormer++'s window encoder (ViT-S/16, 256 px windows) exported and quantized in every "
