@@ -6,41 +6,35 @@ labelled folder (``labels.csv`` + ``images/``, optionally ``masks/<id>.png`` and
 labels it is stratified (round robin over classes) so every class is represented.
 The set's hash (sha256 of the chosen files' bytes, in order) is recorded in the bundle.
 
-What a stage is calibrated on (decisions; they mirror runtime/model.py so INT8 ranges
-come from the pixels the device will feed):
-- ``dermoscopy`` of a segmenter (or any bundle with ``tiling.tile``): the tiles of
-  ``runtime.tiling.make_grid`` (tile size and overlap from the manifest), cut from the
-  uint8 image (reflect-padded along an axis shorter than the tile, as the tiler does)
-  and preprocessed with the colour statistics of the whole image.
-- ``dermoscopy`` of a classifier: the whole image through ``preprocess``.
-- ``dermoscopy_windows``: the image resized to the window grid with the bundle's
-  resize policy, cut by ``runtime.tiling.iter_windows``, each window preprocessed with
-  whole-image statistics.
+What a stage is calibrated on: exactly what the device feeds it, because the feeds
+come from the runtime's own stage pipeline (runtime/pipeline.py: tiles of a
+segmenter at its working scale, windows, whole images, metadata, modality mask,
+earlier stages' fp32 outputs), run on the fp32 graphs; :class:`StageInputs` records
+every feed the pipeline hands a backend. Decisions taken here:
 - ``clinical``: ``clinical/<id>.*`` when the folder has it; otherwise the dermoscopy
   image stands in (a warning says so and the bundle records it).
 - ``metadata``: the CSV columns encoded with the manifest's schema (unknown columns
-  dropped, empty = missing); ``modality_mask``: what the case has.
-- ``<stage>.<output>``: the fp32 output of the earlier stage on the same case (run in
-  ONNX Runtime), reshaped as the runtime reshapes it.
+  dropped, empty = missing).
 Tiles and windows are many per image; at most ``max_units`` per stage are kept for
 calibration, drawn with the seed, all images represented.
 """
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from edgederm.runtime import preprocess as pp
-from edgederm.runtime.errors import BundleError, InputError
+from edgederm.runtime.bundle import Manifest
+from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
+from edgederm.runtime.pipeline import Pipeline, Request
 
 log = logging.getLogger(__name__)
 
@@ -130,124 +124,57 @@ def select_calibration(root: str | Path, max_images: int = 64, seed: int = 0, ex
 
 
 # -- what each stage sees ---------------------------------------------------------------
-def image_tiles(image: np.ndarray, config: pp.PreprocessConfig, tile: int, overlap: float) -> np.ndarray:
-    """The runtime's tiles of ``image`` (make_grid), preprocessed with whole-image colour stats."""
-    from edgederm.runtime.tiling import cut_tile, make_grid
-
-    grid = make_grid(image.shape[0], image.shape[1], tile, overlap)
-    stats = pp.image_color_stats(image, config)
-    tile_config = dataclasses.replace(config, input_size=(tile, tile))
-    crops = [cut_tile(image, y, x, tile) for y, x in grid.tiles()]
-    return pp.preprocess_batch(crops, tile_config, stats)
-
-
-def image_windows(image: np.ndarray, config: pp.PreprocessConfig, window: int, rows: int, cols: int) -> np.ndarray:
-    """All ``rows*cols`` windows of ``image`` (row-major), preprocessed as the runtime does."""
-    from edgederm.runtime.tiling import iter_windows
-
-    stats = pp.image_color_stats(image, config)
-    resized = pp.resize_image(image, (rows * window, cols * window), config.resize)
-    window_config = dataclasses.replace(config, input_size=(window, window), resize="none")
-    out = np.empty((rows * cols, 3, window, window), np.float32)
-    for batch, indices in iter_windows(resized, window, rows, cols, batch_size=16):
-        out[indices] = pp.preprocess_batch(batch, window_config, stats)
-    return out
-
-
 class StageInputs:
-    """Builds every stage's inputs for a list of cases from a bundle manifest.
+    """Every stage's inputs for a list of cases, recorded from the runtime's pipeline.
 
-    ``run(cases, graphs)`` walks the stages in manifest order; ``graphs`` maps a stage
-    name to an ONNX file or ModelProto (fp32 for calibration). Returns, per stage, the
-    per-case input dicts (arrays whose first axis is the stage's batch axis).
+    ``request(case, image)`` is the request a case makes (the quantize evaluator sends
+    the same one); ``run(cases, graphs)`` runs the pipeline with ``graphs`` (stage name
+    -> ONNX file, fp32 for calibration) on ONNX Runtime's CPU provider and returns, per
+    stage, the per-case input dicts (arrays whose first axis is the stage's batch axis).
     """
 
-    def __init__(self, manifest: Any, say: Callable[[str], None] = lambda m: None) -> None:
+    def __init__(self, manifest: Manifest, say: Callable[[str], None] = lambda m: None) -> None:
         self.manifest = manifest
         self.say = say
-        self.config = pp.PreprocessConfig.from_dict(manifest.preprocess)
-        self.tiling = dict(manifest.data.get("tiling") or {})
-        self.task = manifest.model["task"]
-        self.modalities = list(manifest.model.get("modalities", ["dermoscopy"]))
-        schema = manifest.model.get("metadata_schema")
-        self.schema = None
-        if schema is not None:
-            from edgederm.runtime.metadata import load_schema
-
-            self.schema = load_schema(schema)
         self.notes: list[str] = []
+        self._schema: Any = None
 
-    def window_layout(self, spec: dict[str, Any]) -> tuple[int, int, int]:
-        shape = spec["shape"]
-        window = int(self.tiling.get("window") or shape[-1])
-        if "grid" in self.tiling:
-            rows, cols = (int(v) for v in self.tiling["grid"])
-        else:
-            height, width = self.manifest.model.get("input_size", [window, window])
-            rows, cols = max(1, int(height) // window), max(1, int(width) // window)
-        return window, rows, cols
-
-    def tiled(self) -> bool:
-        return self.task == "segment" or "tile" in self.tiling
-
-    def _image_input(self, source: str, spec: dict[str, Any], case: Case, image: np.ndarray) -> np.ndarray:
-        shape = spec["shape"]
-        size = (int(shape[2]), int(shape[3])) if all(isinstance(d, int) for d in shape[2:4]) else self.config.input_size
-        if source == "dermoscopy_windows":
-            window, rows, cols = self.window_layout(spec)
-            return image_windows(image, self.config, window, rows, cols)
-        if source == "dermoscopy" and self.tiled():
-            tile = int(self.tiling.get("tile", size[0]))
-            return image_tiles(image, self.config, tile, float(self.tiling.get("overlap", 0.25)))
-        picture = image
-        if source == "clinical":
+    def request(self, case: Case, image: np.ndarray, read: Callable[[Path], np.ndarray] = read_image) -> Request:
+        model = self.manifest.model
+        clinical = None
+        if "clinical" in model.modalities:
             if case.clinical is not None:
-                picture = read_image(case.clinical)
+                clinical = read(case.clinical)
             else:
+                clinical = image
                 note = "no clinical images in the calibration folder (clinical/<id>.jpg): the dermoscopy image stood in"
                 if note not in self.notes:
                     self.notes.append(note)
                     warnings.warn(note, stacklevel=3)
-        return pp.preprocess(picture, dataclasses.replace(self.config, input_size=size))[None]
+        metadata = None
+        if "metadata" in model.modalities and case.metadata is not None and model.metadata_schema is not None:
+            if self._schema is None:
+                from edgederm.runtime.metadata import load_schema
 
-    def _metadata(self, case: Case) -> np.ndarray:
-        if self.schema is None:
-            raise BundleError("a stage takes metadata but the manifest has no model.metadata_schema; re-export the bundle")
-        return self.schema.encode(self.schema.select(case.metadata))[None]
+                self._schema = load_schema(model.metadata_schema)
+            metadata = self._schema.select(case.metadata)
+        return Request(image, clinical, metadata)
 
-    def run(self, cases: list[Case], graphs: dict[str, Any], threads: int = 2) -> dict[str, list[dict[str, np.ndarray]]]:
-        from edgederm.runtime.backends.onnxruntime import cpu_session
+    def run(self, cases: list[Case], graphs: Mapping[str, str | os.PathLike[str]],
+            threads: int = 2) -> dict[str, list[dict[str, np.ndarray]]]:
+        from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from edgederm.runtime.memory import plan
 
-        sessions = {stage["name"]: cpu_session(graphs[stage["name"]], threads) for stage in self.manifest.stages}
-        per_stage: dict[str, list[dict[str, np.ndarray]]] = {s["name"]: [] for s in self.manifest.stages}
+        manifest = self.manifest
+        backends = {s.name: OnnxRuntimeBackend(graphs[s.name], threads=threads) for s in manifest.stages}
+        pipeline = Pipeline(manifest, backends, lambda height, width: plan(manifest, None, height, width))
+        per_stage: dict[str, list[dict[str, np.ndarray]]] = {s.name: [] for s in manifest.stages}
         for n, case in enumerate(cases):
             image = read_image(case.image)
-            outputs: dict[str, np.ndarray] = {}
-            for stage in self.manifest.stages:
-                feed: dict[str, np.ndarray] = {}
-                for spec in stage["inputs"]:
-                    source = spec.get("source", "dermoscopy")
-                    if source in ("dermoscopy", "dermoscopy_windows", "clinical"):
-                        value = self._image_input(source, spec, case, image)
-                    elif source == "metadata":
-                        value = self._metadata(case)
-                    elif source == "modality_mask":
-                        present = {"dermoscopy": True, "clinical": True, "metadata": case.metadata is not None}
-                        value = np.array([[float(present.get(m, False)) for m in self.modalities]], np.float32)
-                    elif source in outputs:
-                        tail = spec["shape"][1:]
-                        value = outputs[source]
-                        if all(isinstance(d, int) for d in tail):
-                            value = np.ascontiguousarray(value.reshape(-1, *[int(d) for d in tail]))
-                    else:
-                        raise BundleError(f"stage {stage['name']!r} input {spec['name']!r} has source {source!r}, "
-                                          "which calibration does not know; re-export the bundle with this SDK")
-                    feed[spec["name"]] = value.astype(spec.get("dtype", "float32"), copy=False)
-                per_stage[stage["name"]].append(feed)
-                session = sessions[stage["name"]]
-                names = [o.name for o in session.get_outputs()]
-                results = session.run(names, feed)
-                outputs.update({f"{stage['name']}.{k}": v for k, v in zip(names, results)})
+            batches: dict[str, list[dict[str, np.ndarray]]] = {}
+            pipeline.run(self.request(case, image), record=lambda stage, feed: batches.setdefault(stage, []).append(feed))
+            for stage, feeds in batches.items():
+                per_stage[stage].append({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
             if (n + 1) % 16 == 0 or n + 1 == len(cases):
                 self.say(f"  stage inputs: {n + 1}/{len(cases)} images")
         return per_stage

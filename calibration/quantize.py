@@ -39,10 +39,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgederm.runtime.bundle import Manifest, read_manifest, sha256_file, write_json_atomic
+from edgederm.runtime.bundle import Manifest, read_manifest, sha256_file, write_manifest
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.imageio import read_image
-from edgederm.runtime.metadata import load_schema
 from edgederm.runtime.staging import make_staging
 
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
@@ -69,12 +68,12 @@ def fidelity(fp32_probs: np.ndarray, int8_probs: np.ndarray, labels: np.ndarray 
 class _Evaluator:
     """Runs the bundle through the runtime with chosen graphs per stage; caches decoded images."""
 
-    def __init__(self, manifest: Manifest, precision: str, threads: int = 2) -> None:
+    def __init__(self, manifest: Manifest, precision: str, inputs: StageInputs, threads: int = 2) -> None:
         self.manifest = manifest
         self.precision = precision
+        self.inputs = inputs
         self.threads = threads
-        self.modalities = list(manifest.model.get("modalities", ["dermoscopy"]))
-        self.task = manifest.model["task"]
+        self.task = manifest.model.task
         self._images: dict[Path, np.ndarray] = {}
 
     def _image(self, path: Path) -> np.ndarray:
@@ -86,31 +85,19 @@ class _Evaluator:
         """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32)."""
         from edgederm.runtime.model import DeployedModel
 
-        data = copy.deepcopy(self.manifest.data)
-        precision = "fp32"
-        if graphs is not None:
-            precision = self.precision
-            for stage in data["stages"]:
-                stage["graphs"][precision] = {"file": graphs[stage["name"]], "sha256": ""}
-        model = DeployedModel(Manifest(self.manifest.root, data), backend="onnxruntime-cpu", precision=precision,
-                              threads=self.threads, cache=False)
-        schema = load_schema(model.model_info["metadata_schema"]) if model.model_info.get("metadata_schema") else None
+        model = DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
+                              threads=self.threads, cache=False, graph_overrides=graphs)
         results = []
         for case in cases:
-            image = self._image(case.image)
-            clinical = None
-            if "clinical" in self.modalities:
-                clinical = self._image(case.clinical) if case.clinical is not None else image  # stand-in, as calibrated
-            metadata = None
-            if "metadata" in self.modalities and case.metadata is not None and schema is not None:
-                metadata = schema.select(case.metadata)
-            results.append(model.predict(dermoscopy=image, clinical=clinical, metadata=metadata))
+            request = self.inputs.request(case, self._image(case.image), self._image)
+            results.append(model.predict(dermoscopy=request.dermoscopy, clinical=request.clinical,
+                                         metadata=request.metadata))
         return results
 
     def decisions(self, results: list[Any]) -> list[np.ndarray]:
         if self.task == "segment":
             return [r.mask for r in results]
-        names = list(self.manifest.model["class_names"])
+        names = list(self.manifest.model.class_names)
         return [np.array([r.probabilities[n] for n in names], np.float32) for r in results]
 
     def agreement(self, reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
@@ -176,7 +163,7 @@ def quantize_bundle(
     calib = select_calibration(Path(calib_dir), max_images=max_images, seed=seed)
     eval_cases, held_out = _held_out(Path(calib_dir), calib.cases, Path(eval_dir) if eval_dir is not None else None, seed)
     stages = manifest.stages
-    say(f"{precision}: calibrating {len(stages)} stage(s) of {manifest.model['name']} ({manifest.model['task']}) "
+    say(f"{precision}: calibrating {len(stages)} stage(s) of {manifest.model.name} ({manifest.model.task}) "
         f"on {len(calib)} images from {calib_dir}" + (f" ({method}, per-channel={per_channel}, {format}, "
                                                        f"activations {activation_type}, {backend})" if settings else ""))
     staging = make_staging(root, ".quantize-")
@@ -200,9 +187,9 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     root = manifest.root
     rel = staging.relative_to(root).as_posix()
     stages = manifest.stages
-    fp32 = {s["name"]: manifest.graph_path(s, "fp32") for s in stages}
-    evaluator = _Evaluator(manifest, precision, threads)
+    fp32 = {s.name: manifest.graph_path(s, "fp32") for s in stages}
     inputs = StageInputs(manifest, say=say)
+    evaluator = _Evaluator(manifest, precision, inputs, threads)
     staged: dict[str, str] = {}  # stage -> file relative to the bundle
     stage_info: dict[str, Any] = {}
     fallback_report: dict[str, Any] | None = None
@@ -220,7 +207,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         per_case = inputs.run(calib.cases, fp32, threads=threads)
         prepared, qdq, feeds = {}, {}, {}
         for stage in stages:
-            name = stage["name"]
+            name = stage.name
             prepared[name] = prepare_graph(fp32[name], staging / f"{name}.prepared.onnx")
             feeds[name] = batch_feeds(per_case[name], batch_size=batch_size, max_units=max_units, seed=seed)
             units = sum(len(next(iter(f.values()))) for f in feeds[name])
@@ -239,7 +226,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                 scores: dict[str, float | None] = {}
                 floats = {n: onnx.load(str(p)) for n, p in prepared.items()}
                 for stage in stages:
-                    name = stage["name"]
+                    name = stage.name
                     stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:4], sensitivity_seconds, say)
                     scores.update({f"{name}/{node}": v for node, v in stage_scores.items()})
                 ranked = rank(scores)
@@ -262,7 +249,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         from .fp16 import convert_to_fp16
 
         for stage in stages:
-            name = stage["name"]
+            name = stage.name
             path = staging / f"{name}.fp16.onnx"
             stage_info[name] = convert_to_fp16(fp32[name], path)
             staged[name] = f"{rel}/{path.name}"
@@ -273,7 +260,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         tried: list[dict[str, Any]] = []
         for weights_only in (False, True):
             for stage in stages:
-                name = stage["name"]
+                name = stage.name
                 path = staging / f"{name}.int8_dynamic{'.weights' if weights_only else ''}.onnx"
                 stage_info[name] = quantize_dynamic_graph(fp32[name], path, weights_only_matmul=weights_only)
                 staged[name] = f"{rel}/{path.name}"
@@ -303,7 +290,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     say(f"  fidelity on {len(eval_cases)} {'held-out' if held_out else 'calibration (no held-out images)'} images")
     fp32_results = evaluator.predict(eval_cases, None)
     quant_results = evaluator.predict(eval_cases, staged)
-    if manifest.model["task"] == "segment":
+    if manifest.model.task == "segment":
         masks = [_read_mask(c, r.mask.shape) for c, r in zip(eval_cases, fp32_results)]
         fid = segmentation_fidelity([r.mask for r in fp32_results], [r.mask for r in quant_results], masks)
     else:
@@ -311,7 +298,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         pq = np.stack(evaluator.decisions(quant_results))
         labels = [c.label for c in eval_cases]
         fid = classification_fidelity(p32, pq, np.array(labels) if all(x is not None for x in labels) else None,
-                                      manifest.model["class_names"])
+                                      list(manifest.model.class_names))
     fid["held_out"] = held_out
     latency = _latency(fp32_results, quant_results, precision, threads)
 
@@ -354,7 +341,7 @@ def _with_float_nodes(k: int, ranked: list[str], qdq: dict[str, Any], floats: di
 def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging: Path, say: Callable[[str], None]) -> None:
     root = manifest.root
     staged: dict[str, str] = report.pop("_staged")
-    data = copy.deepcopy(manifest.data)
+    data: dict[str, Any] = copy.deepcopy(dict(manifest.data))
     previous: list[str] = []
     for stage in data["stages"]:
         source = root / staged[stage["name"]]
@@ -380,9 +367,9 @@ def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging:
     calibration[precision] = report
     data["calibration"] = calibration
     try:
-        write_json_atomic(root / "manifest.json", data)
+        write_manifest(root, data)
     except BaseException:
-        referenced = set(manifest.data["files"])
+        referenced = set(manifest.files)
         for stage in data["stages"]:
             new = stage["graphs"][precision]["file"]
             if new not in referenced:

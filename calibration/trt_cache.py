@@ -40,7 +40,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from edgederm.runtime.backends.tensorrt import cuda_check, import_cudart, import_tensorrt, trt, version_tuple
+from edgederm.runtime.backends.cuda import cuda_check, import_cudart
+from edgederm.runtime.backends.engines import version_tuple
+from edgederm.runtime.backends.tensorrt import trt
+from edgederm.runtime.optional import import_tensorrt
 from edgederm.runtime.bundle import write_bytes_atomic
 from edgederm.runtime.errors import InputError
 

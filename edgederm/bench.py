@@ -38,6 +38,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -53,6 +54,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgederm.metrics import dice_score
+from edgederm.runtime.backends.base import Backend, TensorInfo
+from edgederm.runtime.bundle import Stage
 
 __all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_graph_flops", "format_report", "plot_report"]
 
@@ -190,14 +193,32 @@ def _load_torch_model(checkpoint: str | None, factory: str | None = None) -> Any
     return model.eval()
 
 
-def _weights_check(torch_module: Any, manifest: Any, stage: dict[str, Any], x: np.ndarray) -> float:
+class _TorchBackend(Backend):
+    """A stage run by PyTorch eager (the bench's peer), behind the runtime's backend interface."""
+
+    name = "torch"
+
+    def __init__(self, module: Any, stage: Stage) -> None:
+        self.module = module
+        self._inputs = [TensorInfo(s.name, s.shape, s.dtype) for s in stage.inputs]
+        self._outputs = [TensorInfo(s.name, s.shape, s.dtype) for s in stage.outputs]
+
+    def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(feed[i.name]) for i in self._inputs))
+        return {self._outputs[0].name: out.numpy()}
+
+
+def _weights_check(torch_module: Any, manifest: Any, stage: Any, x: np.ndarray) -> float:
     """Max |torch - ONNX fp32| on one input of the tiled stage."""
     import torch
 
     from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     graph = OnnxRuntimeBackend(manifest.graph_path(stage, "fp32"))
-    expected = graph.run({stage["inputs"][0]["name"]: x})[stage["outputs"][0]["name"]]
+    expected = graph.run({stage.inputs[0].name: x})[stage.outputs[0].name]
     with torch.no_grad():
         got = torch_module(torch.from_numpy(x)).numpy()
     return float(np.abs(got - expected).max())
@@ -205,7 +226,7 @@ def _weights_check(torch_module: Any, manifest: Any, stage: dict[str, Any], x: n
 
 def _worker(args: dict[str, Any]) -> dict[str, Any]:
     """One (engine, size) measurement; runs in its own process."""
-    from edgederm.runtime.model import current_rss_bytes, peak_rss_bytes
+    from edgederm.runtime.rss import current_rss_bytes, peak_rss_bytes
 
     engine = args["engine"]
     image = np.load(args["image"])
@@ -233,46 +254,38 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
 
         from edgederm.runtime import preprocess as pp
         from edgederm.runtime.bundle import read_manifest
-        from edgederm.runtime.model import tile_probabilities
 
         torch.set_num_threads(threads)
         manifest = read_manifest(args["bundle"])
         model = _load_torch_model(args["checkpoint"], args.get("torch_model"))
-        config = pp.PreprocessConfig.from_dict(manifest.preprocess)
-        tiling = manifest.data.get("tiling") or {}
+        config = manifest.preprocess
+        tiling = manifest.tiling
         mask = None
-        if manifest.model["task"] == "segment":
+        if manifest.model.task == "segment":
             stage = manifest.stages[0]
-            tile = int(tiling.get("tile", config.input_size[0]))
-            overlap, blend = float(tiling.get("overlap", 0.25)), tiling.get("blend", "gaussian")
-            batch = int(args.get("batch_size") or tiling.get("batch_size", 4))
+            tile = manifest.tile_size
+            overlap, blend = tiling.overlap, tiling.blend
+            batch = int(args.get("batch_size") or tiling.batch_size)
             stats = pp.image_color_stats(image, config)
             probe = pp.preprocess_batch(image[None, :tile, :tile] if min(image.shape[:2]) >= tile else
                                         np.zeros((1, tile, tile, 3), np.uint8), config, stats)
             out["weights_max_abs_diff"] = _weights_check(model, manifest, stage, probe)
 
-            def torch_probs(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return tile_probabilities(model(torch.from_numpy(x)).numpy())
-
             if engine == "torch":
-                from edgederm.runtime.tiling import TilingStats, sliding_window
+                # The runtime's own stage pipeline (tiles, blending, reduction to a mask), with
+                # PyTorch eager in place of the ONNX graph: only the engine differs.
+                from edgederm.runtime.memory import plan
+                from edgederm.runtime.pipeline import Pipeline
 
-                height, width = image.shape[:2]
-                mask = np.empty((height, width), np.uint8)
-
-                def on_rows(y0: int, block: np.ndarray) -> None:
-                    mask[y0:y0 + block.shape[1]] = block.argmax(axis=0)
-
-                sliding_window(np.ascontiguousarray(image[:tile, :tile]), lambda b: torch_probs(pp.preprocess_batch(b, config, stats)),
-                               tile=tile, overlap=overlap, blend=blend, batch_size=batch, on_rows=lambda y, b: None)
-                stats_t = TilingStats()
+                backend = _TorchBackend(model, stage)
+                pipeline = Pipeline(manifest, {stage.name: backend},
+                                    lambda h, w: dataclasses.replace(plan(manifest, None, h, w), batch_size=batch))
+                pipeline.segment(np.ascontiguousarray(image[:tile, :tile]), {})
                 rss_before = current_rss_bytes()
                 t0 = time.perf_counter()
-                sliding_window(image, lambda b: torch_probs(pp.preprocess_batch(b, config, stats)), tile=tile,
-                               overlap=overlap, blend=blend, batch_size=batch, on_rows=on_rows, stats=stats_t)
+                run = pipeline.segment(image, {})
                 latency = time.perf_counter() - t0
-                count = stats_t.tiles
+                mask, count = run.mask, run.info["tiles"]
             else:  # monai
                 from monai.inferers import sliding_window_inference
 
@@ -307,12 +320,12 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
                 x = torch.from_numpy(pp.preprocess(image, config)[None])
                 logits = model(dermoscopy=x)
                 latency = time.perf_counter() - t0
-            from edgederm.runtime.model import softmax
+            from edgederm.runtime.probabilities import softmax
 
             probs = softmax(logits.numpy()[0])
-            out["probabilities"] = {n: float(p) for n, p in zip(manifest.model["class_names"], probs)}
-            grid = tiling.get("grid")
-            count = int(grid[0]) * int(grid[1]) if grid else 1
+            out["probabilities"] = {n: float(p) for n, p in zip(manifest.model.class_names, probs)}
+            grid = tiling.grid
+            count = grid[0] * grid[1] if grid else 1
         out.update(latency_s=latency, rss_before_bytes=rss_before)
     out["count"] = int(count)
     out["per_s"] = count / latency if latency > 0 else None
@@ -354,7 +367,7 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
 
     say = say or (lambda m: print(m, file=sys.stderr))
     manifest = read_manifest(config.bundle)
-    task = manifest.model["task"]
+    task = manifest.model.task
     threads = config.threads or min(2, os.cpu_count() or 1)
     engines = [e for e in config.engines if e in ENGINES]
     skipped: dict[str, str] = {}
@@ -370,15 +383,13 @@ def run_bench(config: BenchConfig, say: Callable[[str], None] | None = None) -> 
                                  "rebuilt from the bundle")
     say(f"measuring this machine's fp32 matmul peak ({threads} threads) ...")
     peak = matmul_peak(threads)
-    from edgederm.export.memory_profile import tiled_stage_name
-
-    stage_name = tiled_stage_name(manifest.stages, task)
-    stage = next((s for s in manifest.stages if s["name"] == stage_name), manifest.stages[0])
+    stage = manifest.tiled_stage or manifest.stages[0]
     flops = count_graph_flops(manifest.graph_path(stage, "fp32"))
     report: dict[str, Any] = {
-        "bundle": str(config.bundle), "model": manifest.model.get("name"), "task": task,
-        "tiling": manifest.data.get("tiling"), "memory_profile": manifest.data.get("memory"),
-        "threads": threads, "machine_peak": peak, "tiled_stage": stage["name"], "flops_per_tile": flops,
+        "bundle": str(config.bundle), "model": manifest.model.name, "task": task,
+        "tiling": dataclasses.asdict(manifest.tiling),
+        "memory_profile": dataclasses.asdict(manifest.memory) if manifest.memory else None,
+        "threads": threads, "machine_peak": peak, "tiled_stage": stage.name, "flops_per_tile": flops,
         "skipped": skipped, "results": [],
     }
     with tempfile.TemporaryDirectory(prefix="edgederm-bench-") as tmp:

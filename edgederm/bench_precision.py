@@ -12,7 +12,7 @@ Decisions:
   Exported with the SDK's exporter on every run (a graph left in ``--out`` by an
   earlier run may hold other weights).
 - Data: synthetic dermoscopy cases (edgederm.data.synthetic) cut into windows by the
-  runtime's own window code (``edgederm.calibration.data.image_windows``); calibration and
+  runtime's own window code (``edgederm.runtime.pipeline.image_windows``); calibration and
   evaluation images are disjoint.
 - "Decision": an encoder has no decision of its own, so a linear probe (ridge
   regression, one-vs-rest over the synthetic classes) is fitted on the fp32
@@ -50,8 +50,8 @@ class Variant:
 
 
 def _windows(seeds: range, size: int, window: int) -> tuple[np.ndarray, np.ndarray]:
-    from edgederm.calibration.data import image_windows
     from edgederm.data.synthetic import generate_case
+    from edgederm.runtime.pipeline import image_windows
     from edgederm.runtime.preprocess import PreprocessConfig
 
     config = PreprocessConfig(input_size=(size, size))

@@ -124,7 +124,7 @@ def train(data: LabelledImages, config: TrainConfig, out_dir: str | Path | None 
     from edgederm.checkpoint import save_checkpoint
     from edgederm.losses import dice_ce_loss, make_classification_loss
     from edgederm.metrics import classification_metrics, segmentation_metrics
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
     from edgederm.runtime.safety import fit_image_reference
 
     config.validate()

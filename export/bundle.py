@@ -19,7 +19,8 @@ from torch import nn
 
 import edgederm
 from edgederm.models.base import EdgeDermModel
-from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file, write_json_atomic
+from edgederm.runtime.bundle import (DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_TILE_BATCH, FORMAT, FORMAT_VERSION, MANIFEST,
+                                     Manifest, parse_manifest, sha256_file, write_manifest)
 from edgederm.runtime.preprocess import PreprocessConfig
 from edgederm.runtime.staging import commit, make_staging
 
@@ -59,16 +60,16 @@ def export_bundle(
     rtol: float = 1e-4,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
-    profile_memory: bool | None = None,
+    profile_memory: bool = True,
 ) -> Path:
     """Export every stage of ``model`` to ONNX and write a verified bundle to ``out_dir``.
 
     ``verify`` runs ONNX Runtime against torch at batch 1 and 5 for each stage and
     refuses (ExportError) a graph whose relative error exceeds ``rtol``.
-    ``profile_memory`` measures the memory line (fixed + per-tile slope) of the tiled
-    stage in subprocesses (export/memory_profile.py) and stores it as the manifest's
-    "memory"; None (default) does so for segmenters and windowed models only, so
-    classifier exports stay fast.
+    ``profile_memory`` (default True) measures the memory line (fixed + per-tile slope)
+    of the profiled stage (tiles, windows, or a classifier's whole images) in
+    subprocesses (export/memory_profile.py) and stores it as the manifest's "memory",
+    so a memory budget can be planned for every bundle; False leaves it out.
     """
     if not isinstance(model, EdgeDermModel):
         raise ExportError(
@@ -111,15 +112,6 @@ def export_bundle(
             })
         preprocess_config = preprocess or default_preprocess(model)
         tiling = tiling_section(model)
-        memory = None
-        if profile_memory if profile_memory is not None else bool(tiling):
-            from .memory_profile import measure_memory_profile
-
-            memory = measure_memory_profile(staging, stages_json, preprocess_config.to_dict(), model.task, say=say)
-            if memory is not None and tiling is not None:
-                tiling.setdefault("batch_size", default_tile_batch(memory, tiling, model))
-        if tiling is not None:
-            tiling.setdefault("batch_size", 4)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -139,7 +131,7 @@ def export_bundle(
             "stages": stages_json,
             "export": {"exporter": "torch.onnx dynamo", "opset": opset, "torch": _torch_version(), "parity": parity},
             "tiling": tiling,
-            "memory": memory,
+            "memory": None,
             "calibration": None,
             "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
             **(extra or {}),
@@ -148,7 +140,13 @@ def export_bundle(
         for entry in stages_json:  # each graph hashed once, by file_table
             graph = entry["graphs"]["fp32"]
             graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
-        write_json_atomic(staging / MANIFEST, manifest)
+        if profile_memory:
+            from .memory_profile import measure_memory_profile
+
+            manifest["memory"] = measure_memory_profile(parse_manifest(manifest, staging), say=say)
+        if tiling is not None and "batch_size" not in tiling:
+            tiling["batch_size"] = default_tile_batch(parse_manifest(manifest, staging))
+        write_manifest(staging, manifest)
         commit(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -167,8 +165,8 @@ def tiling_section(model: nn.Module) -> dict[str, Any] | None:
     tiling = dict(getattr(model, "tiling", None) or {})
     if getattr(model, "task", None) == "segment":
         tiling.setdefault("tile", int(model.input_size[0]))  # type: ignore[union-attr, index]
-        tiling.setdefault("overlap", 0.25)
-        tiling.setdefault("blend", "gaussian")
+        tiling.setdefault("overlap", DEFAULT_OVERLAP)
+        tiling.setdefault("blend", DEFAULT_BLEND)
     window = getattr(model, "window_size", None)
     if isinstance(window, int):
         tiling.setdefault("window", window)
@@ -176,23 +174,23 @@ def tiling_section(model: nn.Module) -> dict[str, Any] | None:
     return tiling or None
 
 
-def default_tile_batch(memory: dict[str, Any], tiling: dict[str, Any], model: nn.Module,
-                       budget: str = "1.5GiB", side: int = 2048) -> int:
-    """Tile batch the planner picks for a ``side``^2 image under ``budget`` (the Orin Nano
-    aim in specs/JETSON.md); the runtime's default when no memory_budget is given."""
-    from edgederm.runtime.errors import MemoryBudgetError
-    from edgederm.runtime.memory import MemoryProfile, parse_size, plan_batch, segment_buffers, window_buffers
+EXPORT_PLAN_BUDGET = "1.5GiB"  # the smallest Jetson's share for one app: the default batch fits it
+EXPORT_PLAN_SIDE = 2048
+EXPORT_MAX_BATCH = 16
 
-    profile = MemoryProfile.from_manifest(memory)
-    if "window" in tiling:
-        rows, cols = tiling["grid"]
-        image, acc = window_buffers(side, side, int(tiling["window"]), int(rows), int(cols), 1024)
-    else:
-        tile = int(tiling["tile"])
-        stride = max(1, int(round(tile * (1 - float(tiling["overlap"])))))
-        image, acc = segment_buffers(side, side, tile, stride, int(getattr(model, "num_classes", 2)))
+
+def default_tile_batch(bundle: Manifest) -> int:
+    """Tile batch the planner picks for a 2048^2 image under 1.5 GiB (an Orin Nano's
+    share); the runtime's batch when no memory_budget is given. Without a measured
+    profile: :data:`DEFAULT_TILE_BATCH`."""
+    from edgederm.runtime.errors import MemoryBudgetError
+    from edgederm.runtime.memory import parse_size, plan
+
+    if bundle.memory is None:
+        return DEFAULT_TILE_BATCH
     try:
-        return plan_batch(profile, parse_size(budget), image, acc, max_batch=16).batch_size
+        return plan(bundle, parse_size(EXPORT_PLAN_BUDGET), EXPORT_PLAN_SIDE, EXPORT_PLAN_SIDE,
+                    max_batch=EXPORT_MAX_BATCH).batch_size
     except MemoryBudgetError:
         return 1
 

@@ -2,7 +2,7 @@
 
 One engine per stage, recorded in the manifest with what it is bound to (GPU name,
 compute capability, SM count, TensorRT version), its precision, its optimisation
-profile and its sha256. Decisions (specs/JETSON.md):
+profile and its sha256. Decisions (``docs/architecture.md``):
 
 - One code path for TensorRT 8.5+ and 10.x: the ONNX parser, ``set_memory_pool_limit``,
   optimisation profiles and the tensor-name API exist in both; version-specific
@@ -46,23 +46,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from edgederm.runtime.backends.tensorrt import (
-    ENGINE_PRECISIONS,
-    DeviceInfo,
-    engine_cache_key,
-    import_tensorrt,
-    parse_bytes,
-    query_device,
-    trt,
-    version_tuple,
-)
-from edgederm.runtime.bundle import MANIFEST, read_manifest, resolve_inside, sha256_file, write_bytes_atomic, write_json_atomic
+from edgederm.runtime.backends.cuda import DeviceInfo, query_device
+from edgederm.runtime.backends.engines import ENGINE_PRECISIONS, engine_cache_key, version_tuple
+from edgederm.runtime.backends.tensorrt import trt
+from edgederm.runtime.bundle import (MANIFEST, Manifest, Stage, read_manifest, resolve_inside, sha256_file,
+                                     write_bytes_atomic, write_manifest)
+from edgederm.runtime.memory import parse_size, plan
+from edgederm.runtime.optional import import_tensorrt
 from edgederm.runtime.errors import BundleError, EdgeDermError, InputError, MissingDependencyError
 from edgederm.runtime.optional import INSTALL_HINTS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH = 4
 DEFAULT_WORKSPACE = 1 << 30  # 1 GiB without a budget
 MIN_WORKSPACE = 32 << 20
 ENGINE_DIR = "engines"
@@ -92,8 +87,8 @@ def memory_limits(memory_budget: int | str | None, workspace: int | str | None) 
     budget / 2, because the builder, its CUDA context and the network's weights
     must fit in the rest on a device whose CPU and GPU share DRAM.
     """
-    budget = parse_bytes(memory_budget)
-    explicit = parse_bytes(workspace)
+    budget = parse_size(memory_budget) if memory_budget is not None else None
+    explicit = parse_size(workspace) if workspace is not None else None
     if budget is None:
         return explicit or DEFAULT_WORKSPACE, None
     ws = explicit or max(MIN_WORKSPACE, min(DEFAULT_WORKSPACE, budget // 4))
@@ -103,58 +98,33 @@ def memory_limits(memory_budget: int | str | None, workspace: int | str | None) 
     return ws, budget // 2
 
 
-def tiled_plan(bundle: str | os.PathLike[str], manifest_data: Mapping[str, Any],
-               memory_budget: int | str | None, image_size: int = 2048) -> tuple[str, int] | None:
-    """``(tiled stage, tile batch)`` of the runtime's memory plan for ``memory_budget``
-    (from the profile measured at export); None without a budget, a profile or a plan."""
-    if memory_budget is None or not manifest_data.get("memory"):
-        return None
-    try:
-        from edgederm.runtime import load
-
-        model = load(bundle, memory_budget=memory_budget, plan_image_size=image_size)  # type: ignore[call-arg,unused-ignore]
-        plan = getattr(model, "memory_plan", None)
-        tiled = model._tiled_stage() if hasattr(model, "_tiled_stage") else None
-        if plan is not None and isinstance(tiled, dict) and tiled.get("name"):
-            return str(tiled["name"]), int(plan.batch_size)
-    except (EdgeDermError, TypeError, AttributeError) as exc:
-        log.warning("memory plan unavailable (%s); using the bundle's tile batch", exc)
-    return None
-
-
-def planned_batch(bundle: str | os.PathLike[str], manifest_data: Mapping[str, Any], stage: str,
-                  memory_budget: int | str | None = None, image_size: int = 2048,
-                  plan: tuple[str, int] | None = None) -> tuple[int, str]:
+def planned_batch(manifest: Manifest, stage: Stage, memory_budget: int | str | None = None,
+                  image_size: int = 2048) -> tuple[int, str]:
     """The tile batch the runtime will send ``stage``, and where the number came from.
 
-    Order: the manifest's memory plan for ``memory_budget`` (the runtime's planner,
-    from the profile measured at export) for the tiled stage; else the manifest's
-    ``tiling.batch_size``; else :data:`DEFAULT_BATCH`. ``plan``: :func:`tiled_plan`'s
-    result when the caller has it (one model load for all stages).
+    The tiled stage under ``memory_budget``: the runtime's own plan
+    (``runtime.memory.plan``, from the profile measured at export) for an
+    ``image_size`` square image; a budget it cannot meet is refused
+    (MemoryBudgetError). Otherwise the bundle's ``tiling.batch_size``.
     """
-    tiling = manifest_data.get("tiling") or {}
-    default = tiling.get("batch_size") if isinstance(tiling.get("batch_size"), int) else None
-    if plan is None:
-        plan = tiled_plan(bundle, manifest_data, memory_budget, image_size)
-    if plan is not None and plan[0] == stage:
-        return plan[1], f"memory plan for {memory_budget} at {image_size}x{image_size}"
-    if default:
-        return int(default), "bundle tiling.batch_size"
-    return DEFAULT_BATCH, f"default ({DEFAULT_BATCH})"
+    tiled = manifest.tiled_stage
+    if memory_budget is not None and manifest.memory is not None and tiled is not None and tiled.name == stage.name:
+        batch = plan(manifest, parse_size(memory_budget), image_size, image_size).batch_size
+        return batch, f"memory plan for {memory_budget} at {image_size}x{image_size}"
+    return manifest.tiling.batch_size, "bundle tiling.batch_size"
 
 
-def stage_profiles(stage: Mapping[str, Any], batch: int) -> dict[str, dict[str, list[int]]]:
+def stage_profiles(stage: Stage, batch: int) -> dict[str, dict[str, list[int]]]:
     """min/opt/max shapes per input: batch 1..``batch``, other dimensions from the manifest (must be static)."""
     profiles = {}
-    for spec in stage["inputs"]:
-        dims = list(spec["shape"])
-        rest = dims[1:]
-        if any(not isinstance(d, int) or d <= 0 for d in rest):
+    for spec in stage.inputs:
+        rest = spec.static(1)
+        if rest is None:
             raise BundleError(
-                f"stage {stage['name']!r} input {spec['name']!r} has shape {dims}; TensorRT profiles need every "
+                f"stage {stage.name!r} input {spec.name!r} has shape {list(spec.shape)}; TensorRT profiles need every "
                 "dimension but the batch to be static. Re-export with fixed input sizes"
             )
-        profiles[spec["name"]] = {"min": [1, *rest], "opt": [batch, *rest], "max": [batch, *rest]}
+        profiles[spec.name] = {"min": [1, *rest], "opt": [batch, *rest], "max": [batch, *rest]}
     return profiles
 
 
@@ -168,13 +138,13 @@ def timing_cache_path(cache_dir: str | os.PathLike[str] | None, device: DeviceIn
     return Path(cache_dir) / f"timing-trt{version}-{gpu}-sm{device.compute_capability}x{device.sm_count}.cache"
 
 
-def _graph_for(manifest: Any, stage: Mapping[str, Any], precision: str, calibration_cache: str | None,
+def _graph_for(manifest: Manifest, stage: Stage, precision: str, calibration_cache: str | None,
                strongly_typed: bool) -> tuple[Path, str]:
-    graphs = stage["graphs"]
+    graphs = stage.graphs
     if precision == "fp16":
         if strongly_typed:
             if "fp16" not in graphs:
-                raise BundleError(f"a strongly typed fp16 engine needs the stage's fp16 graph; stage {stage['name']!r} "
+                raise BundleError(f"a strongly typed fp16 engine needs the stage's fp16 graph; stage {stage.name!r} "
                                   f"has {sorted(graphs)}. Fix: `edgederm quantize {manifest.root} --precision fp16`")
             return manifest.graph_path(stage, "fp16"), "none (fp16 graph, strongly typed)"
         return manifest.graph_path(stage, "fp32"), "none (fp16 flag)"
@@ -185,7 +155,7 @@ def _graph_for(manifest: Any, stage: Mapping[str, Any], precision: str, calibrat
             raise InputError("a calibration cache (implicit INT8) cannot be combined with a strongly typed network")
         return manifest.graph_path(stage, "fp32"), "implicit (calibration cache)"
     raise BundleError(
-        f"stage {stage['name']!r} has no int8 (QDQ) graph (has {sorted(graphs)}); TensorRT INT8 needs one. "
+        f"stage {stage.name!r} has no int8 (QDQ) graph (has {sorted(graphs)}); TensorRT INT8 needs one. "
         f"Fix: `edgederm quantize {manifest.root} --calib DIR --precision int8`, or pass a TensorRT 8.5 "
         "calibration cache (--calibration-cache) for implicit calibration"
     )
@@ -357,11 +327,9 @@ def build_engines(
         raise InputError(f"calibration cache {calibration_cache!s} does not exist; write one with "
                          "edgederm.calibration.trt_cache.calibration_cache_from_onnx")
     plans = []
-    memory_plan = None if batch else tiled_plan(manifest.root, manifest.data, memory_budget)
     for stage in manifest.stages:  # everything checkable is checked before TensorRT is needed
         onnx_path, quantization = _graph_for(manifest, stage, precision, cache_file, strongly_typed)
-        stage_batch, batch_source = (batch, "requested") if batch else planned_batch(
-            manifest.root, manifest.data, stage["name"], memory_budget, plan=memory_plan)
+        stage_batch, batch_source = (batch, "requested") if batch else planned_batch(manifest, stage, memory_budget)
         plans.append((stage, onnx_path, quantization, stage_batch, batch_source, stage_profiles(stage, stage_batch)))
     require_tensorrt()
 
@@ -369,10 +337,10 @@ def build_engines(
     (root / ENGINE_DIR).mkdir(exist_ok=True)
     entries = []
     for stage, onnx_path, quantization, stage_batch, batch_source, profiles in plans:
-        say(f"stage {stage['name']}: {precision}, quantization {quantization}, tile batch {stage_batch} ({batch_source})")
-        staged = root / ENGINE_DIR / f".{stage['name']}.{precision}.{os.getpid()}.building"
+        say(f"stage {stage.name}: {precision}, quantization {quantization}, tile batch {stage_batch} ({batch_source})")
+        staged = root / ENGINE_DIR / f".{stage.name}.{precision}.{os.getpid()}.building"
         job = {
-            "stage": stage["name"], "precision": precision, "onnx_path": str(onnx_path), "engine_path": str(staged),
+            "stage": stage.name, "precision": precision, "onnx_path": str(onnx_path), "engine_path": str(staged),
             "profiles": profiles, "workspace_bytes": workspace_bytes, "tactic_dram_bytes": tactic_bytes,
             "dla": dla, "timing_cache_dir": str(timing_cache) if timing_cache is not None else None,
             "calibration_cache": cache_file, "strongly_typed": strongly_typed,
@@ -383,12 +351,12 @@ def build_engines(
             onnx_sha = sha256_file(onnx_path)
             key = engine_cache_key(onnx_sha, target["tensorrt_version"], target["gpu_name"], target["sm_count"],
                                    precision, profiles, target["compute_capability"])
-            name = f"{ENGINE_DIR}/{stage['name']}.{precision}.{key[:12]}.engine"
+            name = f"{ENGINE_DIR}/{stage.name}.{precision}.{key[:12]}.engine"
             os.replace(staged, root / name)
         finally:
             staged.unlink(missing_ok=True)
         entry = {
-            "stage": stage["name"], "precision": precision, "file": name, "sha256": sha256_file(root / name),
+            "stage": stage.name, "precision": precision, "file": name, "sha256": sha256_file(root / name),
             "bytes": (root / name).stat().st_size, "cache_key": key,
             "onnx": {"file": onnx_path.relative_to(root.resolve()).as_posix() if onnx_path.is_relative_to(root.resolve())
                      else onnx_path.name, "sha256": onnx_sha},
@@ -421,7 +389,7 @@ def _record_engine(root: Path, entry: dict[str, Any]) -> None:
     for name in dropped:
         if name != entry["file"]:
             data["files"].pop(name, None)
-    write_json_atomic(path, data)
+    write_manifest(root, data)
     for name in dropped:  # unreferenced now; removed after the manifest moved on
         if name != entry["file"]:
             resolve_inside(root, name).unlink(missing_ok=True)

@@ -4,7 +4,9 @@ from .errors import (
     BundleIntegrityError,
     EdgeDermError,
     ImageDecodeError,
+    GraphLoadError,
     InputError,
+    ManifestError,
     MemoryBudgetError,
     MissingDependencyError,
     RemoteBackendError,
@@ -15,5 +17,6 @@ from .store import load_active
 
 __all__ = [
     "load", "load_active", "DeployedModel", "Result", "EdgeDermError", "InputError", "ImageDecodeError",
-    "BundleError", "BundleIntegrityError", "MemoryBudgetError", "MissingDependencyError", "RemoteBackendError",
+    "BundleError", "BundleIntegrityError", "ManifestError", "GraphLoadError", "MemoryBudgetError",
+    "MissingDependencyError", "RemoteBackendError",
 ]

@@ -31,6 +31,22 @@ class BundleError(EdgeDermError):
     """A bundle is missing, malformed, or was written by an incompatible SDK."""
 
 
+class ManifestError(BundleError):
+    """A manifest value is missing, malformed or out of range; names the field, the
+    value found and what is allowed."""
+
+    def __init__(self, field: str, found: object, allowed: str, fix: str = "re-export the bundle with this SDK") -> None:
+        self.field, self.found, self.allowed = field, found, allowed
+        shown = found if isinstance(found, str) and " " in found else repr(found)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        super().__init__(f"manifest field {field}: found {shown}; allowed: {allowed}. Fix: {fix}")
+
+
+class GraphLoadError(BundleError):
+    """A bundle graph passed its hash check but the backend cannot load it (not ONNX, or damaged)."""
+
+
 class BundleIntegrityError(BundleError):
     """A bundle file does not match its manifest (hash, path, size)."""
 

@@ -1,14 +1,15 @@
 """Memory planning: a budget ("1.5GiB") -> the tile batch that keeps the process under it.
 
-Model of the process peak (ARCHITECTURE.md, tiling and memory; specs/JETSON.md):
+Model of the process peak (``docs/architecture.md``, tiling and memory):
 
     peak = fixed + per_tile x batch + image buffers + accumulators + margin
 
 * ``fixed`` and ``per_tile`` are *measured*, not guessed: at export,
   ``edgederm.export.memory_profile`` runs the bundle's graphs in a fresh process
-  on this backend (ONNX Runtime, CPU) at two tile batches and fits a line through
-  the two process peaks (``ru_maxrss``). ``fixed`` therefore includes Python,
-  numpy, OpenCV, ONNX Runtime and every session of the bundle; ``per_tile`` the
+  on this backend (ONNX Runtime, CPU) at two batches of the profiled stage (the
+  tiled stage; for a classifier, the stage fed the whole image) and fits a line
+  through the two process peaks. ``fixed`` therefore includes Python, numpy,
+  OpenCV, ONNX Runtime and every session of the bundle; ``per_tile`` the
   activations, the arena growth, the uint8 tile and its float copy. The manifest
   keeps them under ``"memory"`` with what they were measured on.
 * image buffers and accumulators are *computed* from the image size, since they
@@ -17,29 +18,36 @@ Model of the process peak (ARCHITECTURE.md, tiling and memory; specs/JETSON.md):
   (``(K + 1) x tile x width`` float32) and its per-block temporaries; for windowed
   classifiers the image resized to the window grid.
 * ``margin`` is a fixed fraction (:data:`MARGIN_FRACTION`) of the budget for
-  allocator fragmentation and measurement noise (JETSON.md: 10-15 %).
+  allocator fragmentation and measurement noise (10-15 % on a shared-memory device).
 
 The batch is ``floor((budget - fixed - image - accumulators - margin) / per_tile)``,
 capped at :data:`MAX_TILE_BATCH` (larger batches stop paying on CPUs and small
 GPUs) and at the number of tiles the image has. If not even one tile fits, a
-:class:`MemoryBudgetError` says the smallest budget that would.
+:class:`MemoryBudgetError` says the smallest budget that would; a budget larger
+than this machine's memory is refused too (it could not be honoured).
+:func:`plan` is the one planner: the runtime, export (the bundle's default batch)
+and the engine builder (profile shapes) all call it.
 
-Sizes: ``parse_size`` takes an int (bytes) or a string with a unit. ``KiB, MiB,
-GiB`` are powers of 1024; ``kB, MB, GB`` powers of 1000 (SI); a bare ``K, M, G``
-(as in ``ulimit`` or ``docker -m``) is read as the binary unit.
+Sizes: :func:`parse_size` is the one size parser. It takes an int (bytes) or a
+string with a unit: ``KiB, MiB, GiB, TiB`` are powers of 1024 and so are the bare
+``K, M, G, T`` (as in ``ulimit`` or ``docker -m``): ``"512M"`` = ``"512MiB"`` =
+512 x 2^20 bytes. ``kB, MB, GB, TB`` are SI, powers of 1000: ``"800MB"`` = 800 x 10^6.
+A float is accepted only when it is a whole number of bytes (``1.5`` is refused).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import BundleError, InputError, MemoryBudgetError
+from .bundle import Manifest, MemoryProfile
+from .errors import InputError, MemoryBudgetError
 
 __all__ = [
     "MARGIN_FRACTION", "MAX_TILE_BATCH", "MemoryProfile", "MemoryPlan", "parse_size", "format_size",
-    "segment_buffers", "window_buffers", "plan_batch",
+    "segment_buffers", "window_buffers", "plan_batch", "plan", "machine_memory_bytes",
 ]
 
 MARGIN_FRACTION = 0.10
@@ -59,7 +67,10 @@ def parse_size(value: int | float | str) -> int:
     """``"1.5GiB"``, ``"800MB"``, ``"512M"``, ``2**30`` -> bytes (int)."""
     if isinstance(value, bool):
         raise InputError(f"memory size {value!r} is a bool; expected bytes (int) or a string like '1.5GiB' or '800MB'")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise InputError(f"memory size {value!r} is not a whole number of bytes; expected int bytes or a string "
+                         "like '1.5GiB' or '800MB'")
+    if isinstance(value, (int, float)):
         number, unit = float(value), ""
     elif isinstance(value, str):
         match = _SIZE.match(value)
@@ -73,7 +84,18 @@ def parse_size(value: int | float | str) -> int:
         raise InputError(f"memory size has type {type(value).__name__}; expected int bytes or a string like '1.5GiB'")
     if not math.isfinite(number) or number <= 0:
         raise InputError(f"memory size {value!r} must be a positive, finite amount, e.g. '1.5GiB'")
+    if _UNITS[unit] == 1 and not number.is_integer():
+        raise InputError(f"memory size {value!r} is not a whole number of bytes; give bytes as an integer "
+                         "or use a unit, e.g. '1.5GiB'")
     return int(number * _UNITS[unit])
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory of this machine, where the OS tells."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def format_size(n: float) -> str:
@@ -82,32 +104,6 @@ def format_size(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
-
-
-@dataclass(frozen=True)
-class MemoryProfile:
-    """What export measured: process peak = ``fixed_bytes + per_tile_bytes x batch``."""
-
-    fixed_bytes: int
-    per_tile_bytes: int
-    measured_on: dict[str, Any] = field(default_factory=dict)
-    stage: str = ""  # the stage whose batch the slope belongs to (tiles or windows)
-
-    @classmethod
-    def from_manifest(cls, data: Mapping[str, Any] | None) -> MemoryProfile | None:
-        if not data:
-            return None
-        try:
-            fixed, slope = int(data["fixed_bytes"]), int(data["per_tile_bytes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(
-                f"manifest 'memory' section {dict(data)!r} lacks integer fixed_bytes/per_tile_bytes ({exc}); "
-                "re-export the bundle (edgederm export) to measure it again"
-            ) from exc
-        if fixed <= 0 or slope <= 0:
-            raise BundleError(f"manifest 'memory' section has fixed_bytes={fixed}, per_tile_bytes={slope}; "
-                              "both must be positive. Re-export the bundle")
-        return cls(fixed, slope, dict(data.get("measured_on") or {}), str(data.get("stage", "")))
 
 
 @dataclass(frozen=True)
@@ -195,3 +191,41 @@ def plan_batch(
         )
     return MemoryPlan(int(min(batch, cap)), budget, profile.fixed_bytes, profile.per_tile_bytes,
                       image_bytes, accumulator_bytes, margin)
+
+
+def plan(bundle: Manifest, budget: int | None, height: int, width: int, *,
+         max_batch: int = MAX_TILE_BATCH) -> MemoryPlan:
+    """The tile (or window) batch for a ``height x width`` image of ``bundle`` under
+    ``budget`` bytes (None: the bundle's ``tiling.batch_size``).
+
+    Raises MemoryBudgetError when not even one tile (or, for a classifier, one image)
+    fits, naming the minimum, or when ``budget`` exceeds this machine's memory.
+    """
+    from .tiling import make_grid
+
+    what = f"a {height}x{width} image"
+    if budget is not None:
+        physical = machine_memory_bytes()
+        if physical is not None and budget > physical:
+            raise MemoryBudgetError(
+                f"memory budget {format_size(budget)} ({budget} bytes) is more than this machine has "
+                f"({format_size(physical)}); a plan for it would not keep the process under anything. "
+                f"Fix: give memory_budget of at most {format_size(physical)}"
+            )
+    stage = bundle.tiled_stage
+    if stage is None:
+        return plan_batch(bundle.memory, budget, height * width * 3, 0, default_batch=1, tiles=1, what=what)
+    if bundle.model.task == "segment":
+        tile = bundle.tile_size
+        grid = make_grid(height, width, tile, bundle.tiling.overlap)
+        channels = stage.outputs[0].shape[1] if len(stage.outputs[0].shape) > 1 else None
+        image, acc = segment_buffers(height, width, tile, grid.stride,
+                                     channels if isinstance(channels, int) else max(len(bundle.model.class_names), 1))
+        tiles = len(grid)
+    else:
+        window, rows, cols = bundle.window_layout
+        dim = stage.outputs[0].shape[-1]
+        image, acc = window_buffers(height, width, window, rows, cols, dim if isinstance(dim, int) else 1024)
+        tiles = rows * cols
+    return plan_batch(bundle.memory, budget, image, acc, default_batch=bundle.tiling.batch_size, tiles=tiles,
+                      max_batch=max_batch, what=what)

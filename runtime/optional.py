@@ -48,3 +48,28 @@ def is_available(name: str) -> bool:
     except Exception:
         return False
     return True
+
+
+def import_tensorrt(purpose: str = "TensorRT engines") -> ModuleType:
+    """The real ``tensorrt`` module, or :class:`MissingDependencyError` with the install hint."""
+    trt = optional_import("tensorrt", purpose)
+    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
+        # Type stubs alone make ``import tensorrt`` succeed as an empty namespace package.
+        raise MissingDependencyError(
+            f"TensorRT is not installed (needed for {purpose}): 'tensorrt' imports from "
+            f"{list(getattr(trt, '__path__', []))} but is not the TensorRT Python package (type stubs only?). "
+            f"Fix: {INSTALL_HINTS['tensorrt']}"
+        )
+    return trt
+
+
+def tensorrt_available() -> bool:
+    """True when the real TensorRT Python package imports; never raises."""
+    try:
+        import_tensorrt()
+    except Exception:
+        return False
+    return True
+
+
+# -- the runner ---------------------------------------------------------------------------------------

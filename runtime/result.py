@@ -1,4 +1,4 @@
-"""The Result a prediction returns (public contract, ARCHITECTURE.md)."""
+"""The Result a prediction returns: the public contract (``docs/architecture.md``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

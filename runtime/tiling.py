@@ -219,8 +219,7 @@ def _check_image(image: object, what: str = "image") -> np.ndarray:
 
 
 def cut_tile(image: np.ndarray, y: int, x: int, tile: int) -> np.ndarray:
-    """The ``tile`` x ``tile`` crop at (y, x), reflect-padded on an axis shorter than the tile
-    (calibration/data.py cuts its calibration tiles with this too)."""
+    """The ``tile`` x ``tile`` crop at (y, x), reflect-padded on an axis shorter than the tile."""
     crop = image[y : y + tile, x : x + tile]
     pad_y, pad_x = tile - crop.shape[0], tile - crop.shape[1]
     if pad_y or pad_x:

@@ -21,8 +21,10 @@ def _edit_manifest(bundle, edit):
 def test_bundle_loads_and_lists_hashes(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
     assert manifest.precisions() == ["fp32", "int8"]
-    for name, entry in manifest.data["files"].items():
-        assert len(entry["sha256"]) == 64 and (tiny_bundle / name).stat().st_size == entry["bytes"]
+    assert set(manifest.verified) == set(manifest.files)  # the hashes of the bytes read, kept for caches
+    for name, entry in manifest.files.items():
+        assert len(entry.sha256) == 64 and (tiny_bundle / name).stat().st_size == entry.bytes
+        assert manifest.verified[name] == entry.sha256
 
 
 def test_one_changed_byte_is_refused_naming_the_file(bundle_copy):
@@ -94,7 +96,7 @@ def test_interrupted_quantize_keeps_previous_bundle(bundle_copy, tiny_bundle, sy
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize_mod, "write_json_atomic", interrupted)
+    monkeypatch.setattr(quantize_mod, "write_manifest", interrupted)
     with pytest.raises(KeyboardInterrupt):
         quantize_mod.quantize_bundle(bundle_copy, synthetic_data / "train", max_images=8, say=lambda m: None)
     assert (bundle_copy / "manifest.json").read_text() == before
@@ -110,3 +112,135 @@ def test_export_refuses_existing_folder(tiny_bundle):
 
     with pytest.raises(ExportError, match="already exists.*overwrite"):
         export_bundle(create_model("hifuse_tiny"), tiny_bundle)
+
+
+# -- typed manifest errors: every malformed value names the field, the value and what is allowed ---------
+def _drop(*path):
+    def edit(data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return edit
+
+
+def _set(value, *path):
+    def edit(data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set([], "stages"), r"field stages: found \[\]; allowed: a non-empty list of stages"),
+    (_set("classifier", "stages"), r"field stages: found 'classifier'; allowed: a JSON list"),
+    (_set([], "files"), r"field files: found \[\]; allowed: a JSON object"),
+    (_drop("stages", 0, "graphs", "fp32", "sha256"), r"graphs\.fp32\.sha256: found None; allowed: the graph's 64-hex"),
+    (_drop("stages", 0, "graphs", "fp32", "file"), r"graphs\.fp32\.file: found None; allowed: a non-empty string"),
+    (_drop("model", "class_names"), r"model\.class_names: found None; allowed: a non-empty list of class names"),
+    (_set("1", "format_version"), r"format_version: found '1'; allowed: an integer >= 1"),
+    (_set(2, "format_version"), r"format_version: found 2; allowed: at most 1.*upgrade edgederm"),
+    (_set("abc", "clinical", "temperature"), r"clinical\.temperature: found 'abc'; allowed: a finite number > 0"),
+    (_set(0, "clinical", "temperature"), r"clinical\.temperature: found 0; allowed: a finite number > 0"),
+    (_set(-1.0, "clinical", "temperature"), r"clinical\.temperature: found -1\.0; allowed: a finite number > 0"),
+    (_set(float("nan"), "clinical", "temperature"), r"clinical\.temperature: found nan; allowed: a finite number > 0"),
+    (_set("high", "clinical", "review_threshold"), r"clinical\.review_threshold: found 'high'; allowed: a probability in \[0, 1\]"),
+    (_set(1.5, "clinical", "review_threshold"), r"clinical\.review_threshold: found 1\.5; allowed: a probability in \[0, 1\]"),
+    (_set(-0.1, "clinical", "review_threshold"), r"clinical\.review_threshold: found -0\.1"),
+    (_set(["nevus", "melanoma"], "model", "class_names"),
+     r"model\.class_names: found \['nevus', 'melanoma'\]; allowed: 3 names, one per output of stage 'classifier'"),
+    (_set("classify-ish", "model", "task"), r"model\.task: found 'classify-ish'; allowed: one of \['classify', 'segment'\]"),
+    (_set([0, 1], "tiling", ), r"field tiling: found \[0, 1\]; allowed: a JSON object or null"),
+    (_set({"fixed_bytes": -5, "per_tile_bytes": 1}, "memory"), r"field memory.fixed_bytes: found -5; allowed: an integer >= 1"),
+])
+def test_malformed_manifest_values_are_typed_errors(bundle_copy, edit, match):
+    from edgederm.runtime import ManifestError
+
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(ManifestError, match=match) as info:
+        load(bundle_copy)
+    assert isinstance(info.value, BundleError) and "Fix:" in str(info.value)
+
+
+def test_nul_in_a_file_name_and_deep_json_are_typed_errors(bundle_copy):
+    from edgederm.runtime import ManifestError
+
+    _edit_manifest(bundle_copy, _set({"sha256": "0" * 64, "bytes": 1}, "files", "a\x00b.onnx"))
+    with pytest.raises(BundleIntegrityError, match="contains a NUL character"):
+        load(bundle_copy)
+    (bundle_copy / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="nested deeper than Python can parse"):
+        load(bundle_copy)
+
+
+def test_a_graph_that_is_not_onnx_but_matches_its_hash_is_a_typed_error(bundle_copy):
+    from edgederm.runtime import GraphLoadError
+    from edgederm.runtime.bundle import sha256_file
+
+    graph = bundle_copy / "classifier.fp32.onnx"
+    graph.write_bytes(b"this is not a protobuf" * 100)
+    digest = sha256_file(graph)
+
+    def edit(data):
+        data["files"]["classifier.fp32.onnx"]["sha256"] = digest
+        data["stages"][0]["graphs"]["fp32"]["sha256"] = digest
+
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(GraphLoadError, match=r"ONNX Runtime cannot load graph 'classifier\.fp32\.onnx'.*re-export"):
+        load(bundle_copy, precision="fp32", cache=False)
+
+
+def test_writer_refuses_a_manifest_the_reader_would_refuse(bundle_copy):
+    from edgederm.runtime import ManifestError
+    from edgederm.runtime.bundle import write_manifest
+
+    before = (bundle_copy / "manifest.json").read_text()
+    data = json.loads(before)
+    data["clinical"]["temperature"] = 0
+    with pytest.raises(ManifestError, match="clinical.temperature"):
+        write_manifest(bundle_copy, data)
+    assert (bundle_copy / "manifest.json").read_text() == before
+
+
+# -- the optimised-graph cache is keyed by verified bytes, never by a manifest's claim -----------------------
+def _impostor(bundle, dest):
+    """A copy of ``bundle`` whose fp32 graph is another valid model (logits shifted); the manifest,
+    hashes included, is left as it was, so it claims the genuine graph's sha256."""
+    import shutil
+
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    shutil.copytree(bundle, dest)
+    model = onnx.load(str(dest / "classifier.fp32.onnx"))
+    logits = model.graph.output[0].name
+    for node in model.graph.node:  # logits + [5, -5, 0]: another model with the same inputs and outputs
+        node.output[:] = [f"{o}_genuine" if o == logits else o for o in node.output]
+    model.graph.initializer.append(numpy_helper.from_array(np.float32([5, -5, 0]), "impostor_shift"))
+    model.graph.node.append(onnx.helper.make_node("Add", [f"{logits}_genuine", "impostor_shift"], [logits]))
+    onnx.save(model, str(dest / "classifier.fp32.onnx"))
+    return dest
+
+
+@pytest.mark.parametrize("first", ["genuine", "impostor"])
+def test_cache_is_not_shared_by_manifest_claims(tiny_bundle, tmp_path, monkeypatch, first):
+    image = np.random.default_rng(3).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    impostor = _impostor(tiny_bundle, tmp_path / "impostor")
+    genuine_alone = load(tiny_bundle, precision="fp32", cache=False).predict(image).probabilities
+    impostor_alone = load(impostor, precision="fp32", cache=False, verify=False).predict(image).probabilities
+    assert genuine_alone != pytest.approx(impostor_alone, abs=1e-3)  # two different models
+    with pytest.raises(BundleIntegrityError, match="does not match its manifest sha256"):
+        load(impostor)  # the claim is checked when the bundle is verified
+    monkeypatch.setenv("EDGEDERM_CACHE", str(tmp_path / "shared-cache"))
+    runs = {"genuine": lambda: load(tiny_bundle, precision="fp32"),
+            "impostor": lambda: load(impostor, precision="fp32", verify=False)}
+    second = "impostor" if first == "genuine" else "genuine"
+    a, b = runs[first](), runs[second]()
+    assert a.cache_hits == {"classifier": False} and b.cache_hits == {"classifier": False}
+    expected = {"genuine": genuine_alone, "impostor": impostor_alone}
+    assert a.predict(image).probabilities == pytest.approx(expected[first], abs=1e-6)
+    assert b.predict(image).probabilities == pytest.approx(expected[second], abs=1e-6)
+    assert runs[first]().cache_hits == {"classifier": True}  # each answers from its own entry
+    assert len(list((tmp_path / "shared-cache").glob("*.onnx"))) == 2

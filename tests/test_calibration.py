@@ -18,9 +18,10 @@ pytest.importorskip("onnxruntime")
 from torch import nn  # noqa: E402
 
 from edgederm.calibration import fidelity as fid  # noqa: E402
-from edgederm.calibration.data import batch_feeds, image_tiles, image_windows, select_calibration  # noqa: E402
+from edgederm.calibration.data import batch_feeds, select_calibration  # noqa: E402
 from edgederm.calibration.graphs import (FLOAT_ONLY_OPS, QuantSettings, float_only_violations,  # noqa: E402
                                          quantize_dynamic_graph, quantize_graph)
+from edgederm.runtime.backends.base import Backend, TensorInfo  # noqa: E402
 from edgederm.runtime.errors import InputError  # noqa: E402
 from edgederm.runtime.preprocess import PreprocessConfig  # noqa: E402
 
@@ -116,14 +117,50 @@ def test_calibration_cases_are_the_dataset_readers_records(tmp_path):
         read_cases(root)
 
 
-def test_tiles_and_windows_are_the_runtime_ones():
+class _ZeroSegmenter(Backend):
+    """A 2-class segmenter graph stand-in: logits 0 for every tile (the feeds are under test)."""
+
+    name = "zeros"
+
+    def __init__(self) -> None:
+        self._inputs = [TensorInfo("image", ("batch", 3, 32, 32), "float32")]
+        self._outputs = [TensorInfo("logits", ("batch", 2, 32, 32), "float32")]
+
+    def _run(self, feed):
+        return {"logits": np.zeros((len(feed["image"]), 2, 32, 32), np.float32)}
+
+
+def _segmenter_manifest(root):
+    from edgederm.runtime.bundle import parse_manifest
+
+    spec = {"name": "image", "shape": ["batch", 3, 32, 32], "dtype": "float32", "source": "dermoscopy"}
+    return parse_manifest({
+        "format": "edgederm-bundle", "format_version": 1,
+        "model": {"name": "seg", "task": "segment", "class_names": ["background", "lesion"]},
+        "preprocess": {"input_size": [32, 32]}, "tiling": {"tile": 32, "overlap": 0.25, "batch_size": 3},
+        "stages": [{"name": "seg", "inputs": [spec],
+                    "outputs": [{"name": "logits", "shape": ["batch", 2, 32, 32], "dtype": "float32"}],
+                    "graphs": {"fp32": {"file": "seg.onnx", "sha256": "0" * 64}}}],
+        "files": {"seg.onnx": {"sha256": "0" * 64, "bytes": 1}},
+    }, root)
+
+
+def test_tiles_and_windows_are_the_runtime_ones(tmp_path):
+    """Calibration records the feeds of the runtime's pipeline: the tiles are make_grid's."""
+    from edgederm.runtime.memory import plan
+    from edgederm.runtime.pipeline import Pipeline, Request, image_windows
     from edgederm.runtime.preprocess import preprocess
     from edgederm.runtime.tiling import make_grid
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (100, 70, 3), dtype=np.uint8)
     config = PreprocessConfig(input_size=(32, 32))
-    tiles = image_tiles(image, config, tile=32, overlap=0.25)
+    manifest = _segmenter_manifest(tmp_path)
+    fed = []
+    pipeline = Pipeline(manifest, {"seg": _ZeroSegmenter()}, lambda h, w: plan(manifest, None, h, w))
+    run = pipeline.run(Request(image), record=lambda stage, feed: fed.append(feed["image"]))
+    assert {len(f) for f in fed[:-1]} == {3} and run.info["batch_size"] == 3  # the bundle's tile batch
+    tiles = np.concatenate(fed)
     grid = make_grid(100, 70, 32, 0.25)
     assert tiles.shape == (len(grid), 3, 32, 32)
     y, x = list(grid.tiles())[-1]  # last tile: flush with the bottom-right edge

@@ -17,16 +17,23 @@ from edgederm.runtime.memory import MARGIN_FRACTION, MemoryProfile, parse_size, 
 
 @pytest.mark.parametrize("text, expected", [
     ("1.5GiB", int(1.5 * 2**30)), ("800MB", 800_000_000), ("800 MiB", 800 * 2**20), ("512M", 512 * 2**20),
-    ("2g", 2 * 2**30), (123456, 123456), ("4096", 4096), ("1e3kB", 1_000_000),
+    ("512MiB", 512 * 2**20), ("512MB", 512 * 10**6), ("3.5G", int(3.5 * 2**30)), ("3.5GiB", int(3.5 * 2**30)),
+    ("3.5GB", int(3.5 * 10**9)), ("1K", 1024), ("1kB", 1000), ("1T", 2**40), ("1TB", 10**12),
+    ("2g", 2 * 2**30), (123456, 123456), ("4096", 4096), ("1e3kB", 1_000_000), (2.0**30, 2**30),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["", "1.5 parsecs", "-1GiB", "0", True, None, float("nan"), "GiB"])
+@pytest.mark.parametrize("bad", ["", "1.5 parsecs", "-1GiB", "0", True, None, float("nan"), "GiB", 1.5, "1.5", "2.5B"])
 def test_parse_size_refuses_nonsense_with_an_example(bad):
     with pytest.raises(InputError, match="1.5GiB"):
         parse_size(bad)
+
+
+def test_fractional_bytes_are_refused_not_truncated():
+    with pytest.raises(InputError, match=r"memory size 1\.5 is not a whole number of bytes"):
+        parse_size(1.5)
 
 
 def test_plan_is_the_largest_batch_under_the_budget_and_names_the_minimum():
@@ -86,7 +93,7 @@ _WORKER = textwrap.dedent("""
     import cv2, numpy as np
     from edgederm.data.synthetic import generate_case
     from edgederm.runtime import load
-    from edgederm.runtime.model import current_rss_bytes, peak_rss_bytes
+    from edgederm.runtime.rss import current_rss_bytes, peak_rss_bytes
     bundle, side, budget = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     model = load(bundle, memory_budget=None if budget == "none" else budget, cache=False)
     # Cheap large image: one 256 px synthetic case resized (generate_case at 8192 is slow).
@@ -153,3 +160,41 @@ def test_optimised_graph_cache_is_reused_checked_and_can_be_turned_off(big_tile_
     before = sorted(off.iterdir())
     assert load(big_tile_bundle).cache_hits == {}
     assert sorted(off.iterdir()) == before
+
+
+# --------------------------------------------------------------------------- budgets: refused, not noted
+
+
+def test_every_bundle_has_a_measured_profile_classifiers_included(tiny_bundle):
+    """A classifier export measures its memory line too (the whole-image stage), so a plan exists."""
+    from edgederm.runtime.bundle import read_manifest
+
+    manifest = read_manifest(tiny_bundle)
+    assert manifest.tiled_stage is None and manifest.memory is not None
+    assert manifest.memory.stage == "classifier" and manifest.memory.fixed_bytes > 30 * 2**20
+    model = load(tiny_bundle, precision="fp32", memory_budget="1GiB")
+    assert model.memory_plan is not None and model.memory_plan.batch_size == 1
+    assert not any("cannot be planned" in n for n in model.notes)
+
+
+@pytest.mark.parametrize("budget, match", [
+    ("1MiB", r"memory budget 1\.00 MiB \(1048576 bytes\) cannot be met for a 2048x2048 image: one tile needs"),
+    ("10TB", r"memory budget .* is more than this machine has .*Fix: give memory_budget of at most"),
+])
+def test_impossible_budgets_are_refused_with_the_numbers(tiny_bundle, budget, match):
+    with pytest.raises(MemoryBudgetError, match=match):
+        load(tiny_bundle, precision="fp32", memory_budget=budget)
+    with pytest.raises(InputError, match="not a whole number of bytes"):
+        load(tiny_bundle, precision="fp32", memory_budget=1.5)
+
+
+def test_build_and_load_read_a_budget_as_the_same_bytes(tiny_bundle):
+    """``--memory-budget 3.5G`` is 3.5 GiB to `edgederm build` (TensorRT tactic memory = budget / 2)
+    and to load() (the plan's budget): one parser."""
+    from edgederm.export.tensorrt import memory_limits
+
+    model = load(tiny_bundle, precision="fp32", memory_budget="3.5G", plan_image_size=256)
+    assert model.memory_budget_bytes == int(3.5 * 2**30)
+    assert model.memory_plan is not None and model.memory_plan.budget_bytes == int(3.5 * 2**30)
+    assert memory_limits("3.5G", None)[1] == int(3.5 * 2**30) // 2
+    assert memory_limits("3.5GB", None)[1] == int(3.5 * 10**9) // 2

@@ -59,7 +59,7 @@ def test_pipeline_fp32_and_int8_agree(trained):
     assert abs(fidelity["accuracy_quantized"] - fidelity["accuracy_fp32"]) <= 0.05
     # the runtime's fp32 output equals torch on the checkpoint's weights
     from edgederm.data.synthetic import generate_case
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
     from edgederm.runtime.preprocess import preprocess as pp
 
     image = generate_case(seed=99, size=2048, label=2).image

@@ -80,7 +80,7 @@ def test_runtime_predicts_where_torch_cannot_be_imported(tiny_bundle, tmp_path, 
 def test_runtime_matches_torch_on_the_same_pixels(tiny_bundle):
     torch = pytest.importorskip("torch")
     from edgederm.models import create_model
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
     from edgederm.runtime.preprocess import PreprocessConfig, preprocess
 
     torch.manual_seed(0)  # the fixture's weights
@@ -158,7 +158,7 @@ def test_gray_and_rgba_arrays_are_accepted(tiny_bundle):
 
 
 def _with_calibration(tiny_bundle, sections):
-    from edgederm.runtime.bundle import Manifest, read_manifest
+    from edgederm.runtime.bundle import parse_manifest, read_manifest
 
     manifest = read_manifest(tiny_bundle)
     data = copy.deepcopy(manifest.data)
@@ -166,7 +166,7 @@ def _with_calibration(tiny_bundle, sections):
     for stage in data["stages"]:
         for p in sections:
             stage["graphs"].setdefault(p, stage["graphs"]["int8"])
-    return Manifest(manifest.root, data)
+    return parse_manifest(data, manifest.root)
 
 
 @pytest.mark.parametrize("sections, expected", [
@@ -178,11 +178,13 @@ def _with_calibration(tiny_bundle, sections):
     ({"int8": {}}, "int8"),  # quantized before latency was recorded: the fixed order
 ])
 def test_auto_precision_on_cpu_follows_measured_speed(tiny_bundle, sections, expected):
-    from edgederm.runtime.model import _choose_precision
+    from edgederm.runtime.selection import CPU, choose, choose_precision
 
     manifest = _with_calibration(tiny_bundle, sections)
-    assert _choose_precision(manifest, "auto", "cpu") == expected
-    assert _choose_precision(manifest, "fp32", "cpu") == "fp32"  # an explicit choice is kept
+    assert choose_precision(manifest, "auto", "cpu") == expected
+    assert choose_precision(manifest, "fp32", "cpu") == "fp32"  # an explicit choice is kept
+    choice = choose(manifest, "auto", "auto", ["CPUExecutionProvider"])
+    assert (choice.backend, choice.providers, choice.precision, choice.notes) == ("onnxruntime-cpu", CPU, expected, ())
 
 
 def test_the_runtime_ships_its_metadata_schemas(tmp_path):

@@ -115,19 +115,24 @@ def test_review_reason_codes():
 
 
 def test_runtime_applies_review_rules():
-    # DeployedModel's result step without a bundle (loading one is the runtime tests' job)
-    from edgederm.runtime.model import DeployedModel
+    # The runtime's result step without a bundle (loading one is the runtime tests' job)
+    from edgederm.runtime.bundle import Clinical
+    from edgederm.runtime.model import classification_result
 
-    model = object.__new__(DeployedModel)
-    model.class_names, model.backend_name, model.precision = CLASSES, "test", "fp32"
-    model.clinical = {"temperature": 2.0, "review_threshold": 0.0, "malignant_classes": ["melanoma"],
-                      "malignant_threshold": 0.3, "review_classes": []}
+    settings = {"temperature": 2.0, "review_threshold": 0.0, "malignant_classes": ["melanoma"],
+                "malignant_threshold": 0.3, "review_classes": []}
+    clinical = Clinical(temperature=2.0, review_threshold=0.0, settings=settings)
+
+    def result_of(logits, image):
+        return classification_result(logits, CLASSES, clinical, image, "test", "fp32")
+
     skin = generate_case(seed=42, size=512, label=0).image
     logits = np.log(np.array([0.6, 0.3, 0.1]))
-    result = model._classification_result(logits, skin)
+    result = result_of(logits, skin)
     # temperature 2 flattens (0.6, 0.3, 0.1) to (0.47, 0.33, 0.19): P(melanoma) over the threshold
     assert result.probabilities["melanoma"] == pytest.approx(np.sqrt(0.3) / np.sqrt([0.6, 0.3, 0.1]).sum(), rel=1e-5)
     assert result.label == "nevus" and result.review_reasons == ["possible_malignancy:0.33>=0.30"]
-    blue = model._classification_result(np.array([5.0, 0.0, 0.0]), np.full((256, 256, 3), (30, 60, 200), np.uint8))
+    assert (result.backend, result.precision) == ("test", "fp32")
+    blue = result_of(np.array([5.0, 0.0, 0.0]), np.full((256, 256, 3), (30, 60, 200), np.uint8))
     assert blue.needs_review and blue.review_reasons[0].startswith("not_skin:")
-    assert model._classification_result(np.array([5.0, 0.0, 0.0]), None).review_reasons == []
+    assert result_of(np.array([5.0, 0.0, 0.0]), None).review_reasons == []

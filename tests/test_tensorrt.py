@@ -19,8 +19,10 @@ import pytest
 from edgederm.calibration import trt_cache
 from edgederm.export import tensorrt as trt_export
 from edgederm.runtime.backends import tensorrt as trt_backend
-from edgederm.runtime.backends.tensorrt import DeviceInfo, check_engine_target, engine_cache_key, select_engine
+from edgederm.runtime.backends.cuda import DeviceInfo, query_device
+from edgederm.runtime.backends.engines import check_engine_target, engine_cache_key, select_engine, select_engines
 from edgederm.runtime.errors import InputError, MissingDependencyError
+from edgederm.runtime.optional import import_tensorrt, tensorrt_available
 
 NO_TRT_REASON = ("TensorRT and a CUDA GPU are needed; TensorRT cannot be installed on this project's CI machines "
                  "(run on a Jetson or a GPU workstation with TensorRT 8.5+/10.x and cuda-python)")
@@ -35,10 +37,10 @@ def _entry(**target_overrides):
 
 
 def _has_gpu_tensorrt() -> bool:
-    if not trt_backend.tensorrt_available():
+    if not tensorrt_available():
         return False
     try:
-        trt_backend.query_device()
+        query_device()
     except Exception:
         return False
     return True
@@ -73,26 +75,25 @@ def test_engine_target_reports_every_mismatch_and_missing_target():
 def test_select_engine_prefers_int8_and_explains_rejections():
     fp16 = dict(_entry(), precision="fp16", file="engines/classifier.fp16.engine")
     int8 = _entry()
-    entry, reason = select_engine({"engines": [fp16, int8]}, ORIN, "classifier")
+    entry, reason = select_engine([fp16, int8], ORIN, "classifier")
     assert entry is not None and entry["precision"] == "int8" and reason == ""
-    entry, reason = select_engine({"engines": [fp16, int8]}, ORIN, "classifier", precision="fp16")
+    entry, reason = select_engine([fp16, int8], ORIN, "classifier", precision="fp16")
     assert entry is not None and entry["file"] == fp16["file"]
     other = DeviceInfo("NVIDIA A100-SXM4-80GB", "8.0", 108, "10.3.0")
-    entry, reason = select_engine({"engines": [fp16, int8]}, other, "classifier")
+    entry, reason = select_engine([fp16, int8], other, "classifier")
     assert entry is None
     assert "no TensorRT engine matches this device" in reason and "compute capability 8.7" in reason
     assert "engines/classifier.int8.abc.engine" in reason and "engines/classifier.fp16.engine" in reason
-    entry, reason = select_engine({"engines": [int8]}, ORIN, "region_encoder")
+    entry, reason = select_engine([int8], ORIN, "region_encoder")
     assert entry is None and "no TensorRT engine for stage 'region_encoder'" in reason
 
 
 def test_select_engines_needs_every_stage():
-    manifest = {"stages": [{"name": "window_encoder"}, {"name": "region_encoder"}],
-                "engines": [dict(_entry(), stage="window_encoder")]}
-    chosen, reason = trt_backend.select_engines(manifest, ORIN)
+    stages, engines = ["window_encoder", "region_encoder"], [dict(_entry(), stage="window_encoder")]
+    chosen, reason = select_engines(stages, engines, ORIN)
     assert chosen is None and "region_encoder" in reason
-    manifest["engines"].append(dict(_entry(), stage="region_encoder", file="engines/r.engine"))
-    chosen, reason = trt_backend.select_engines(manifest, ORIN)
+    engines.append(dict(_entry(), stage="region_encoder", file="engines/r.engine"))
+    chosen, reason = select_engines(stages, engines, ORIN)
     assert chosen is not None and sorted(chosen) == ["region_encoder", "window_encoder"] and reason == ""
 
 
@@ -188,12 +189,10 @@ def test_calibration_cache_from_onnx_runtime_ranges(tmp_path):
 
 
 # -- planning helpers -----------------------------------------------------------------------------------
-def test_parse_bytes_and_memory_limits():
-    assert trt_backend.parse_bytes("3.5GiB") == int(3.5 * 2**30)
-    assert trt_backend.parse_bytes("512MiB") == 512 * 2**20
-    assert trt_backend.parse_bytes(1000) == 1000
-    with pytest.raises(InputError, match="'lots' is not understood; expected a positive size like '3.5GiB'"):
-        trt_backend.parse_bytes("lots")
+def test_memory_limits():
+    with pytest.raises(InputError, match="'lots' is not understood"):
+        trt_export.memory_limits("lots", None)
+    assert trt_export.memory_limits("3.5G", None)[1] == int(3.5 * 2**30) // 2  # G = GiB, as load() reads it
     assert trt_export.memory_limits(None, None) == (1 << 30, None)
     assert trt_export.memory_limits("2GiB", None) == (512 * 2**20, 2**30)
     assert trt_export.memory_limits("3.5GiB", "256MiB") == (256 * 2**20, int(3.5 * 2**30) // 2)
@@ -202,14 +201,22 @@ def test_parse_bytes_and_memory_limits():
         trt_export.memory_limits("1GiB", "2GiB")
 
 
-def test_stage_profiles_and_timing_cache_name(tmp_path):
-    stage = {"name": "classifier", "inputs": [{"name": "image", "shape": ["batch", 3, 224, 224]}]}
+def test_stage_profiles_and_timing_cache_name(tmp_path, tiny_bundle):
+    import dataclasses
+
+    from edgederm.runtime.bundle import DEFAULT_TILE_BATCH, Stage, TensorSpec, Tiling, read_manifest
+
+    out = (TensorSpec("logits", ("batch", 3)),)
+    stage = Stage("classifier", (TensorSpec("image", ("batch", 3, 224, 224), source="dermoscopy"),), out, {})
     assert trt_export.stage_profiles(stage, 6) == {
         "image": {"min": [1, 3, 224, 224], "opt": [6, 3, 224, 224], "max": [6, 3, 224, 224]}}
     with pytest.raises(Exception, match="every dimension but the batch to be static"):
-        trt_export.stage_profiles({"name": "s", "inputs": [{"name": "x", "shape": ["batch", 3, "h", 224]}]}, 4)
-    assert trt_export.planned_batch(tmp_path, {"tiling": {"batch_size": 6}}, "classifier") == (6, "bundle tiling.batch_size")
-    assert trt_export.planned_batch(tmp_path, {}, "classifier")[0] == trt_export.DEFAULT_BATCH
+        trt_export.stage_profiles(Stage("s", (TensorSpec("x", ("batch", 3, "h", 224)),), out, {}), 4)
+    manifest = read_manifest(tiny_bundle)
+    classifier = manifest.stages[0]
+    assert trt_export.planned_batch(dataclasses.replace(manifest, tiling=Tiling(batch_size=6)), classifier) == \
+        (6, "bundle tiling.batch_size")
+    assert trt_export.planned_batch(manifest, classifier)[0] == DEFAULT_TILE_BATCH
     a = trt_export.timing_cache_path(tmp_path, ORIN)
     assert a.parent == tmp_path and "trt8.5.2.2" in a.name and "orin" in a.name and "sm8.7x8" in a.name
     assert trt_export.timing_cache_path(tmp_path, DeviceInfo("Orin", "8.7", 8, "10.3.0")) != a
@@ -224,8 +231,8 @@ def test_type_stubs_alone_do_not_count_as_tensorrt(tmp_path, monkeypatch):
     saved = sys.modules.pop("tensorrt", None)
     try:
         with pytest.raises(MissingDependencyError, match="not the TensorRT Python package"):
-            trt_backend.import_tensorrt()
-        assert trt_backend.tensorrt_available() is False
+            import_tensorrt()
+        assert tensorrt_available() is False
         with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
             trt_export.require_tensorrt()
     finally:  # leave no fake module behind for later tests
@@ -234,7 +241,7 @@ def test_type_stubs_alone_do_not_count_as_tensorrt(tmp_path, monkeypatch):
             sys.modules["tensorrt"] = saved
 
 
-@pytest.mark.skipif(trt_backend.tensorrt_available(), reason="TensorRT is installed here; this test is for machines without it")
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here; this test is for machines without it")
 def test_build_without_tensorrt_gives_install_hint(mini_bundle, capsys):
     from edgederm.cli import main
 
@@ -282,7 +289,9 @@ def test_runtime_falls_back_to_onnxruntime_and_records_why(mini_bundle):
     target = {"gpu_name": "Orin", "compute_capability": "8.7", "sm_count": 8, "tensorrt_version": "8.5.2.2"}
     _fake_engine(bundle_copy, target)
     # Target check with a device that differs: reason names the mismatch, nothing is deserialised.
-    chosen, reason = trt_backend.select_engines(read_manifest(bundle_copy), DeviceInfo("NVIDIA T4", "7.5", 40, "10.3.0"))
+    manifest = read_manifest(bundle_copy)
+    chosen, reason = select_engines([s.name for s in manifest.stages], manifest.engines,
+                                    DeviceInfo("NVIDIA T4", "7.5", 40, "10.3.0"))
     assert chosen is None and "built for GPU 'Orin', this device is 'NVIDIA T4'" in reason
     image = generate_case(seed=5, size=160).image
     reference = load(bundle_copy, backend="onnxruntime-cpu").predict(image)
@@ -290,7 +299,7 @@ def test_runtime_falls_back_to_onnxruntime_and_records_why(mini_bundle):
         model = load(bundle_copy, backend=backend)
         assert model.backend_name.startswith("onnxruntime")
         notes = " ".join(model.notes)
-        if trt_backend.tensorrt_available():
+        if tensorrt_available():
             assert "TensorRT engines not used" in notes
         else:
             assert "TensorRT engines not used" in notes and "not installed" in notes, notes
@@ -328,7 +337,7 @@ def _eval_feed(bundle, n=16):
     from edgederm.runtime.bundle import read_manifest
 
     manifest = read_manifest(bundle)
-    config = pp.PreprocessConfig.from_dict(manifest.preprocess)
+    config = manifest.preprocess
     x = np.stack([pp.preprocess(generate_case(seed=100 + i, size=160).image, config) for i in range(n)]).astype(np.float32)
     return manifest, x
 
@@ -337,31 +346,31 @@ def _eval_feed(bundle, n=16):
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_engines_match_onnxruntime(built_bundle, precision, record_property):
     from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
 
     bundle, entries, cache_dir = built_bundle
     manifest, x = _eval_feed(bundle)
-    device = trt_backend.query_device()
+    device = query_device()
     for stage in manifest.stages:
-        entry, reason = select_engine(manifest, device, stage["name"], precision)
+        entry, reason = select_engine(manifest.engines, device, stage.name, precision)
         assert entry is not None, reason
         assert entry["target"]["gpu_name"] == device.gpu_name
         assert entry["target"]["tensorrt_version"] == device.tensorrt_version
-        assert entry["profiles"][stage["inputs"][0]["name"]]["min"][0] == 1
+        assert entry["profiles"][stage.inputs[0].name]["min"][0] == 1
         assert entry["cache_key"] == engine_cache_key(entry["onnx"]["sha256"], device.tensorrt_version, device.gpu_name,
                                                       device.sm_count, precision, entry["profiles"],
                                                       device.compute_capability)
         engine = trt_backend.TensorRTBackend(bundle / entry["file"], entry)
         # ORT reference: fp32 graph for the fp16 engine, the same QDQ graph for the int8 engine.
         reference = OnnxRuntimeBackend(manifest.graph_path(stage, "fp32" if precision == "fp16" else "int8"))
-        name_in, name_out = stage["inputs"][0]["name"], stage["outputs"][0]["name"]
+        name_in, name_out = stage.inputs[0].name, stage.outputs[0].name
         got = engine.run({name_in: x})[name_out]  # 16 > profile max: split into batches inside
         want = reference.run({name_in: x})[name_out]
         p_got, p_want = softmax(got), softmax(want)
         agreement = float((p_got.argmax(1) == p_want.argmax(1)).mean())
         max_dp = float(np.abs(p_got - p_want).max())
-        record_property(f"figure:{stage['name']}_{precision}_trt_vs_ort_agreement", agreement)
-        record_property(f"figure:{stage['name']}_{precision}_trt_vs_ort_max_dp", round(max_dp, 4))
+        record_property(f"figure:{stage.name}_{precision}_trt_vs_ort_agreement", agreement)
+        record_property(f"figure:{stage.name}_{precision}_trt_vs_ort_max_dp", round(max_dp, 4))
         assert max_dp <= (0.02 if precision == "fp16" else 0.1)
         assert agreement >= (1.0 if precision == "fp16" else 0.9)
         assert engine.memory_bytes() and engine.memory_bytes() > 0
@@ -391,10 +400,10 @@ def test_rebuild_supersedes_engine_and_keeps_manifest_valid(built_bundle):
     bundle, entries, cache_dir = built_bundle
     trt_export.build_engines(bundle, precision="fp16", timing_cache=cache_dir, memory_budget="3.5GiB", say=lambda m: None)
     manifest = read_manifest(bundle)  # verifies every hash, engines included
-    fp16 = [e for e in manifest.data["engines"] if e["precision"] == "fp16"]
+    fp16 = [e for e in manifest.engines if e["precision"] == "fp16"]
     assert len(fp16) == len(manifest.stages)
     assert sorted(p.name for p in (bundle / "engines").iterdir() if not p.name.startswith(".")) == sorted(
-        e["file"].split("/")[-1] for e in manifest.data["engines"])
+        e["file"].split("/")[-1] for e in manifest.engines)
 
 
 @pytest.mark.trt

@@ -30,7 +30,7 @@ from edgederm.export import export_bundle  # noqa: E402
 from edgederm.models.base import EdgeDermModel, ExportStage  # noqa: E402
 from edgederm.runtime import InputError, load  # noqa: E402
 from edgederm.runtime import preprocess as pp  # noqa: E402
-from edgederm.runtime.model import tile_probabilities  # noqa: E402
+from edgederm.runtime.probabilities import tile_probabilities  # noqa: E402
 
 TILE = 64
 
@@ -325,7 +325,7 @@ def test_staged_runtime_matches_torch_and_runs_only_the_stages_needed(bundles, r
     manifest = json.loads((paths["windowed"] / "manifest.json").read_text())
     config = pp.PreprocessConfig.from_dict(manifest["preprocess"])
     from edgederm.runtime.metadata import load_schema
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
 
     image = generate_case(seed=10, size=(150, 220)).image
     metadata = {"age": 61, "sex": "male", "site": "back"}
@@ -350,10 +350,18 @@ def test_staged_runtime_matches_torch_and_runs_only_the_stages_needed(bundles, r
 def test_window_embeddings_are_streamed_in_batches_of_the_plan(bundles):
     paths, _ = bundles
     image = generate_case(seed=11, size=200).image
-    one = load(paths["windowed"], precision="fp32")
-    one.tiling["batch_size"] = 1
-    all_at_once = load(paths["windowed"], precision="fp32")
-    all_at_once.tiling["batch_size"] = 6
+    import dataclasses
+
+    from edgederm.runtime import DeployedModel
+    from edgederm.runtime.bundle import read_manifest
+
+    manifest = read_manifest(paths["windowed"])
+
+    def with_batch(batch):
+        tiling = dataclasses.replace(manifest.tiling, batch_size=batch)
+        return DeployedModel(dataclasses.replace(manifest, tiling=tiling), precision="fp32")
+
+    one, all_at_once = with_batch(1), with_batch(6)
     seen = []
     a = one.predict(dermoscopy=image, progress=lambda done, total: seen.append((done, total)))
     b = all_at_once.predict(dermoscopy=image)
@@ -380,7 +388,7 @@ def test_remixformer_runtime_matches_torch_for_modality_subsets(tmp_path, record
 
     from edgederm.models import create_model
     from edgederm.runtime.metadata import load_schema
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
 
     torch.manual_seed(0)
     model = create_model("remixformer_tiny").eval()

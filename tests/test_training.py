@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 from edgederm import losses  # noqa: E402
 from edgederm.metrics import binary_auc, classification_metrics, hd95, segmentation_metrics  # noqa: E402
 from edgederm.runtime.errors import InputError  # noqa: E402
-from edgederm.runtime.model import softmax  # noqa: E402
+from edgederm.runtime.probabilities import softmax  # noqa: E402
 from edgederm.runtime.preprocess import PreprocessConfig  # noqa: E402
 from edgederm.data import read_image_folder  # noqa: E402
 from edgederm.data.augment import augment, draw_augment  # noqa: E402

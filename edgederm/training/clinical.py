@@ -38,7 +38,7 @@ def reference_stats(data: LabelledImages, idx: np.ndarray, preprocess: Preproces
 def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, class_names: Sequence[str], config: TrainConfig,
               train_labels: np.ndarray, image_reference: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(clinical section, calibration report) from validation logits."""
-    from edgederm.runtime.model import softmax
+    from edgederm.runtime.probabilities import softmax
     from edgederm.runtime.safety import default_malignant_classes, malignant_probability, malignant_threshold
 
     temperature = fit_temperature(val_logits, val_labels)

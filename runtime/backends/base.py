@@ -1,4 +1,4 @@
-"""The one small interface every backend implements (STYLE.md 4: runners consume).
+"""The one small interface every backend implements: loaders make artifacts, runners consume them.
 
 A backend runs one graph: ``run(feed) -> {output name: array}``. It validates the
 feed at the public method and delegates to ``_run``.

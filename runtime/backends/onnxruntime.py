@@ -7,14 +7,22 @@ with ``kSameAsRequested`` growth so it does not double its reservation.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import GraphLoadError
 from ..optional import optional_import
 from .base import Backend, TensorInfo
+
+log = logging.getLogger(__name__)
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(bool)": "bool"}
@@ -93,7 +101,18 @@ class OnnxRuntimeBackend(Backend):
             options.optimized_model_filepath = str(optimized_cache)
         providers = providers or ["CPUExecutionProvider"]
         source = graph if isinstance(graph, bytes) else str(Path(graph))  # bytes: a graph decrypted in memory
-        self.session = ort.InferenceSession(source, options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(source, options, providers=providers)
+        except Exception as exc:  # InvalidProtobuf, Fail, NotImplemented ...: ORT's own types
+            if type(exc).__module__.startswith("onnxruntime"):
+                name = "<decrypted graph>" if isinstance(graph, bytes) else Path(graph).name
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise GraphLoadError(
+                    f"ONNX Runtime cannot load graph {name!r} ({type(exc).__name__}: {first[:300]}); "
+                    "it is not a valid ONNX model for this ONNX Runtime. Fix: re-export the bundle, or upgrade "
+                    "onnxruntime if the graph needs a newer opset"
+                ) from exc
+            raise
         self.providers = self.session.get_providers()
         self._inputs = [TensorInfo(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type)) for o in self.session.get_outputs()]
@@ -102,3 +121,95 @@ class OnnxRuntimeBackend(Backend):
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.session.run(self._output_names, feed)
         return dict(zip(self._output_names, results))
+
+
+# --------------------------------------------------------------------------- optimised-graph cache
+
+
+def cache_dir() -> Path | None:
+    """``$EDGEDERM_CACHE``, or ``$XDG_CACHE_HOME/edgederm``, or ``~/.cache/edgederm``; None if "off"."""
+    configured = os.environ.get("EDGEDERM_CACHE")
+    if configured is not None:
+        if configured.strip().lower() in ("", "0", "off", "none", "false"):
+            return None
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgederm"
+
+
+def cpu_identity() -> str:
+    """Machine + CPU feature flags: an ORT-optimised CPU graph may bake in the SIMD layout."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        flags = platform.processor()
+    return f"{platform.machine()}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
+
+
+def optimized_cache_key(graph_sha256: str, ort_version: str, providers: list[str], threads: int | None) -> str:
+    """Everything that changes an optimised graph: the verified bytes of the source graph
+    (never a manifest's claim), ONNX Runtime, providers, session options and the CPU."""
+    text = "|".join([graph_sha256, ort_version, ",".join(providers), _session_options_id(threads), cpu_identity()])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _session_options_id(threads: int | None) -> str:
+    return f"opt=all;arena=same_as_requested;threads={threads or min(2, os.cpu_count() or 1)}"
+
+
+def open_cached(graph: Path | bytes, graph_sha256: str | None, providers: list[str], threads: int | None,
+                folder: Path | None) -> tuple[OnnxRuntimeBackend, bool | None]:
+    """A runtime session for ``graph`` through the optimised-graph cache in ``folder``.
+
+    ``graph_sha256``: the sha256 of the bytes the bundle check read (None: hashed here).
+    Returns the backend and whether the cache was hit (None: cache off or unwritable).
+    An entry is used only when its own sha256 (sidecar) matches; a damaged or
+    unreadable entry is rebuilt, and writes are atomic (temp file + rename).
+    """
+    from ..bundle import sha256_file, write_json_atomic
+
+    def session(path: str | os.PathLike[str] | bytes, **options: Any) -> OnnxRuntimeBackend:
+        return OnnxRuntimeBackend(path, providers, threads, arena="same_as_requested", **options)
+
+    if folder is None or isinstance(graph, bytes):  # bytes: decrypted in memory, never cached on disk
+        return session(graph), None
+    ort = optional_import("onnxruntime", "the ONNX Runtime backend")
+    source_sha = graph_sha256 or sha256_file(graph)
+    key = optimized_cache_key(source_sha, ort.__version__, providers, threads)
+    cached, sidecar = folder / f"{key}.onnx", folder / f"{key}.json"
+    if cached.is_file() and sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text())
+            if meta.get("graph_sha256") == source_sha and meta.get("sha256") == sha256_file(cached):
+                return session(cached, optimize=False), True
+            log.warning("optimised-graph cache %s does not match its recorded sha256; rebuilding it", cached)
+        except Exception as exc:  # a damaged cache never stops a load: rebuild it
+            log.warning("optimised-graph cache %s unusable (%s); rebuilding it", cached, exc)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".onnx.tmp", dir=folder)
+        os.close(fd)
+    except OSError as exc:
+        log.warning("optimised-graph cache disabled: cannot write %s (%s); set EDGEDERM_CACHE", folder, exc)
+        return session(graph), None
+    try:
+        # The session that writes the optimised graph keeps ~the model's size of extra
+        # memory for its life (measured: +120 MB on a ViT-S window encoder), so it is
+        # only used to write the file; the model runs on a session loaded from it.
+        writer = session(graph, optimized_cache=tmp)
+        del writer
+        digest = sha256_file(tmp)
+        write_json_atomic(sidecar, {"sha256": digest, "graph_sha256": source_sha, "onnxruntime": ort.__version__,
+                                    "providers": providers, "options": _session_options_id(threads)})
+        os.replace(tmp, cached)
+        return session(cached, optimize=False), False
+    except OSError as exc:
+        log.warning("could not store optimised graph in %s: %s", folder, exc)
+        return session(graph), None
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,28 +1,18 @@
-"""TensorRT engine backend: the tensor-name API of TensorRT 8.5+ and 10.x, buffers through cuda-python.
+"""TensorRT engine runner: the tensor-name API of TensorRT 8.5+ and 10.x.
 
-Decisions (ARCHITECTURE.md, specs/JETSON.md):
+Decisions (``docs/architecture.md``):
 
 - One code path for 8.5 to 10.x: ``num_io_tensors`` / ``get_tensor_name`` /
   ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3`` exist from 8.5
   on. Version differences are probed with ``hasattr`` (never by version number
   alone) so a point release that adds or removes a call does not break the runner.
-- An engine is checked against the device BEFORE it is deserialised
-  (:func:`check_engine_target`): a plan built for another GPU, compute capability,
-  SM count or TensorRT release either fails to deserialise or runs with tactics
-  tuned for another chip. A mismatch is never silent: :func:`select_engine` returns
-  the reason, and the runtime falls back to ONNX Runtime and records it.
-- Engine files are named and checked by :func:`engine_cache_key`: a hash of the
-  ONNX graph, TensorRT version, GPU name, compute capability, SM count, precision
-  and profile shapes (STYLE.md 11). A file name alone is never trusted.
+- Which engine runs is decided before anything is deserialised
+  (runtime/backends/engines.py); buffers and device facts: runtime/backends/cuda.py.
 - Activation memory is supplied by the runtime where the API allows it (8.x
   ``create_execution_context_without_device_memory`` + ``context.device_memory``;
   10.1+ ``USER_MANAGED`` + ``set_device_memory(ptr, size)`` sized by
   ``device_memory_size_v2``), so the figure the memory planner sees is the figure
   that is allocated, once, at load.
-- On integrated GPUs (Jetson: ``cudaDeviceProp.integrated``) IO buffers are mapped
-  pinned host memory (``cudaHostAlloc(cudaHostAllocMapped)``): CPU and GPU share the
-  DRAM, so the GPU reads the buffer numpy wrote and no second copy is made. On a
-  discrete GPU, pinned host staging buffers plus device buffers and async copies.
 - tensorrt and cuda-python are imported lazily (runtime/optional.py). A ``tensorrt``
   that imports but has no ``Builder`` (the ``tensorrt-stubs`` package installs a
   ``tensorrt/`` folder holding only ``.pyi`` files, which Python imports as an empty
@@ -30,46 +20,24 @@ Decisions (ARCHITECTURE.md, specs/JETSON.md):
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import json
 import logging
 import os
-import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import BundleError, EdgeDermError, InputError, MissingDependencyError
-from ..optional import INSTALL_HINTS, optional_import
+from ..errors import InputError
+from ..optional import import_tensorrt
 from .base import Backend, TensorInfo
+from .cuda import DeviceBuffer, DeviceInfo, TensorRTError, cuda_check, import_cudart, query_device
+from .engines import check_engine_target
 
 log = logging.getLogger(__name__)
 
-ENGINE_PRECISIONS = ("fp16", "int8")
-
-
-class TensorRTError(EdgeDermError):
-    """TensorRT or CUDA refused an operation (deserialise, allocate, execute)."""
-
 
 # -- optional imports ------------------------------------------------------------------
-def import_tensorrt(purpose: str = "TensorRT engines") -> ModuleType:
-    """The real ``tensorrt`` module, or :class:`MissingDependencyError` with the install hint."""
-    trt = optional_import("tensorrt", purpose)
-    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
-        # Type stubs alone make ``import tensorrt`` succeed as an empty namespace package.
-        raise MissingDependencyError(
-            f"TensorRT is not installed (needed for {purpose}): 'tensorrt' imports from "
-            f"{list(getattr(trt, '__path__', []))} but is not the TensorRT Python package (type stubs only?). "
-            f"Fix: {INSTALL_HINTS['tensorrt']}"
-        )
-    return trt
-
-
 class _LazyModule:
     """Stands in for a module and imports it on first attribute access (Polygraphy's ``lazy_import``)."""
 
@@ -92,210 +60,6 @@ else:
     trt = _LazyModule(import_tensorrt)
 
 
-def tensorrt_available() -> bool:
-    """True when the real TensorRT Python package imports; never raises."""
-    try:
-        import_tensorrt()
-    except Exception:
-        return False
-    return True
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime API: ``cuda.bindings.runtime`` (12.x+), else the older ``cuda.cudart``."""
-    try:
-        from cuda.bindings import runtime  # type: ignore[import-not-found,unused-ignore]
-
-        return runtime
-    except ImportError:
-        pass
-    try:
-        from cuda import cudart  # type: ignore[import-not-found,attr-defined,unused-ignore]
-
-        return cudart
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"cuda-python is not installed (needed for TensorRT buffers): {exc}. Fix: {INSTALL_HINTS['cuda']}"
-        ) from exc
-
-
-def cuda_check(result: Any, call: str) -> Any:
-    """Unpack a cuda-python ``(err, value...)`` tuple; raise :class:`TensorRTError` on an error code."""
-    err: Any = result[0] if isinstance(result, tuple) else result
-    rest: tuple[Any, ...] = tuple(result[1:]) if isinstance(result, tuple) else ()
-    code = int(getattr(err, "value", err))
-    if code != 0:
-        raise TensorRTError(f"CUDA call {call} failed with {err!r} (code {code})")
-    if not rest:
-        return None
-    return rest[0] if len(rest) == 1 else rest
-
-
-# -- device and version facts ------------------------------------------------------------
-def version_tuple(version: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"10.3.0.30"`` -> ``(10, 3, 0, 30)``; empty for None or text without numbers."""
-    if version is None:
-        return ()
-    if not isinstance(version, str):
-        return tuple(int(v) for v in version)
-    return tuple(int(p) for p in re.findall(r"\d+", version))
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What an engine is bound to: the GPU and the TensorRT release on this machine."""
-
-    gpu_name: str
-    compute_capability: str  # "8.7"
-    sm_count: int
-    tensorrt_version: str
-    integrated: bool = False
-    total_memory_bytes: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def query_device(device: int = 0, tensorrt_version: str | None = None) -> DeviceInfo:
-    """This machine's GPU (through cuda-python) and TensorRT version."""
-    cudart = import_cudart()
-    prop = cuda_check(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-    name = prop.name.decode("utf-8", "replace") if isinstance(prop.name, (bytes, bytearray)) else str(prop.name)
-    if tensorrt_version is None:
-        tensorrt_version = str(import_tensorrt().__version__)
-    return DeviceInfo(
-        gpu_name=name.rstrip("\x00").strip(),
-        compute_capability=f"{int(prop.major)}.{int(prop.minor)}",
-        sm_count=int(prop.multiProcessorCount),
-        tensorrt_version=tensorrt_version,
-        integrated=bool(prop.integrated),
-        total_memory_bytes=int(prop.totalGlobalMem),
-    )
-
-
-# -- engine cache key and target check (pure Python) --------------------------------------------
-def engine_cache_key(model_sha256: str, tensorrt_version: str, gpu_name: str, sm_count: int, precision: str,
-                     profile_shapes: Mapping[str, Mapping[str, Sequence[int]]],
-                     compute_capability: str | None = None) -> str:
-    """sha256 over everything that changes an engine (STYLE.md 11); used in engine file names and checked at load."""
-    canonical = {
-        "model_sha256": model_sha256,
-        "tensorrt_version": ".".join(str(v) for v in version_tuple(tensorrt_version)),
-        "gpu_name": gpu_name.strip(),
-        "compute_capability": compute_capability,
-        "sm_count": int(sm_count),
-        "precision": precision,
-        "profiles": {name: {k: [int(d) for d in dims] for k, dims in sorted(p.items())}
-                     for name, p in sorted(profile_shapes.items())},
-    }
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-
-
-def check_engine_target(entry: Mapping[str, Any], device: DeviceInfo) -> list[str]:
-    """Why the engine in manifest ``entry`` cannot run on ``device``; empty when it can.
-
-    Compared: GPU name, compute capability, SM count and TensorRT major.minor.patch
-    (plans are not portable across TensorRT releases; the build number may differ).
-    """
-    target = entry.get("target") or {}
-    reasons: list[str] = []
-    if not target:
-        return [f"engine {entry.get('file')!r} records no target (GPU, compute capability, TensorRT version)"]
-    name = str(target.get("gpu_name", "")).strip()
-    if name.lower() != device.gpu_name.strip().lower():
-        reasons.append(f"built for GPU {name!r}, this device is {device.gpu_name!r}")
-    if str(target.get("compute_capability")) != device.compute_capability:
-        reasons.append(f"built for compute capability {target.get('compute_capability')}, "
-                       f"this device has {device.compute_capability}")
-    if target.get("sm_count") is not None and int(target["sm_count"]) != device.sm_count:
-        reasons.append(f"built for {target['sm_count']} SMs, this device has {device.sm_count}")
-    built, have = version_tuple(target.get("tensorrt_version")), version_tuple(device.tensorrt_version)
-    if built[:3] != have[:3]:
-        reasons.append(f"built with TensorRT {target.get('tensorrt_version')}, this device has {device.tensorrt_version}")
-    return reasons
-
-
-def _manifest_data(manifest: Any) -> Mapping[str, Any]:
-    return manifest.data if hasattr(manifest, "data") else manifest
-
-
-def select_engine(manifest: Any, device: DeviceInfo, stage: str, precision: str | None = None
-                  ) -> tuple[dict[str, Any] | None, str]:
-    """The manifest's engine entry for ``stage`` that runs on ``device``, and why (or why none does).
-
-    ``precision`` None prefers int8 over fp16. Returns ``(entry, "")`` on a match,
-    ``(None, reason)`` otherwise; the reason names each engine and what did not match.
-    """
-    engines = [e for e in _manifest_data(manifest).get("engines") or [] if e.get("stage") == stage]
-    if not engines:
-        return None, f"bundle has no TensorRT engine for stage {stage!r} (build one with `edgederm build`)"
-    order = [precision] if precision else ["int8", "fp16"]
-    candidates = [e for p in order for e in engines if e.get("precision") == p]
-    if not candidates:
-        have = sorted({str(e.get("precision")) for e in engines})
-        return None, f"bundle has no {precision} TensorRT engine for stage {stage!r} (has {', '.join(have)})"
-    rejected = []
-    for entry in candidates:
-        reasons = check_engine_target(entry, device)
-        if not reasons:
-            return dict(entry), ""
-        rejected.append(f"{entry.get('file')}: " + "; ".join(reasons))
-    return None, "no TensorRT engine matches this device (" + " | ".join(rejected) + ")"
-
-
-def select_engines(manifest: Any, device: DeviceInfo | None = None, precision: str | None = None
-                   ) -> tuple[dict[str, dict[str, Any]] | None, str]:
-    """One matching engine per stage, all of one precision, or ``(None, reason)`` to fall back to ONNX Runtime.
-
-    Nothing is deserialised here: it checks that TensorRT and cuda-python import,
-    queries the device (unless ``device`` is given) and compares the manifest's
-    engine targets with it.
-    """
-    data = _manifest_data(manifest)
-    if not data.get("engines"):
-        return None, "bundle has no TensorRT engines (build them with `edgederm build BUNDLE --precision fp16|int8`)"
-    if device is None:
-        try:
-            import_tensorrt()
-            device = query_device()
-        except (MissingDependencyError, TensorRTError) as exc:
-            return None, f"TensorRT engines not used: {exc}"
-    stages = [s["name"] for s in data["stages"]]
-    reasons = []
-    for p in [precision] if precision else ["int8", "fp16"]:
-        chosen: dict[str, dict[str, Any]] = {}
-        for stage in stages:
-            entry, reason = select_engine(data, device, stage, p)
-            if entry is None:
-                reasons.append(reason)
-                break
-            chosen[stage] = entry
-        else:
-            return chosen, ""
-    return None, "TensorRT engines not used: " + "; ".join(dict.fromkeys(reasons))
-
-
-# -- memory size parsing (shared with the builder) ----------------------------------------------------
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def parse_bytes(value: int | float | str | None) -> int | None:
-    """``"3.5GiB"``, ``"512MiB"``, ``"2GB"`` or a number of bytes -> int; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise InputError(f"memory size {value!r} must be positive (bytes), e.g. 3758096384 or '3.5GiB'")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise InputError(f"memory size {value!r} is not understood; expected a positive size like '3.5GiB', "
-                         f"'512MiB', '2GB' or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-# -- the runner ---------------------------------------------------------------------------------------
 _TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
                  "BOOL": "bool", "UINT8": "uint8", "BF16": "float32"}
 
@@ -303,34 +67,6 @@ _TRT_TO_NUMPY = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32":
 def dims_tuple(dims: trt.Dims) -> tuple[int, ...]:
     """TensorRT ``Dims`` -> tuple of ints (-1 for a dynamic axis)."""
     return tuple(int(dims[i]) for i in range(len(dims)))
-
-
-class _Buffer:
-    """One IO tensor's memory: a host view numpy can write and the device address TensorRT reads."""
-
-    def __init__(self, cudart: Any, nbytes: int, mapped: bool) -> None:
-        self.cudart, self.nbytes, self.mapped = cudart, max(int(nbytes), 1), mapped
-        self.device_ptr = 0
-        flags = cudart.cudaHostAllocMapped if mapped else cudart.cudaHostAllocDefault
-        self.host_ptr = int(cuda_check(cudart.cudaHostAlloc(self.nbytes, flags), "cudaHostAlloc"))
-        if mapped:
-            # Integrated GPU: the GPU reads the same DRAM pages; no device copy.
-            self.device_ptr = int(cuda_check(cudart.cudaHostGetDevicePointer(self.host_ptr, 0), "cudaHostGetDevicePointer"))
-        else:
-            self.device_ptr = int(cuda_check(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
-
-    def host_array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        count = int(np.prod(shape)) if shape else 1
-        raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.host_ptr)
-        return np.frombuffer(memoryview(raw), dtype=dtype, count=count).reshape(shape)
-
-    def free(self) -> None:
-        if self.host_ptr:
-            self.cudart.cudaFreeHost(self.host_ptr)
-            self.host_ptr = 0
-        if self.device_ptr and not self.mapped:
-            self.cudart.cudaFree(self.device_ptr)
-        self.device_ptr = 0
 
 
 class TensorRTBackend(Backend):
@@ -343,7 +79,7 @@ class TensorRTBackend(Backend):
         import_tensorrt("the TensorRT backend")  # the install hint, before any CUDA call
         cudart = import_cudart()
         self._cudart = cudart
-        self._buffers: dict[str, _Buffer] = {}
+        self._buffers: dict[str, DeviceBuffer] = {}
         self._activation_ptr = 0
         self._activation_bytes = 0
         self._stream = 0
@@ -386,7 +122,7 @@ class TensorRTBackend(Backend):
         for info in self._inputs + self._outputs:
             shape = self._max_shape.get(info.name) or dims_tuple(self._context.get_tensor_shape(info.name))
             nbytes = int(np.prod(shape)) * np.dtype(info.dtype).itemsize
-            self._buffers[info.name] = _Buffer(cudart, nbytes, mapped=self._integrated)
+            self._buffers[info.name] = DeviceBuffer(cudart, nbytes, mapped=self._integrated)
 
     def _create_context(self, engine: trt.ICudaEngine) -> trt.IExecutionContext:
         cudart = self._cudart
@@ -477,25 +213,19 @@ class TensorRTBackend(Backend):
             pass
 
 
-def load_engine_stages(manifest: Any, precision: str | None = None, device: DeviceInfo | None = None
-                       ) -> tuple[dict[str, TensorRTBackend] | None, str | None, str]:
-    """``({stage: backend}, precision, "")`` when every stage has a matching engine, else ``(None, None, reason)``.
+def load_engines(manifest: Any, chosen: Mapping[str, Mapping[str, Any]],
+                 device: DeviceInfo | None = None) -> dict[str, TensorRTBackend]:
+    """``{stage: backend}`` for the engine entries ``select_engines`` chose; raises
+    (TensorRTError, MissingDependencyError, BundleError, OSError) when one cannot be
+    opened, after freeing those already opened."""
+    from ..bundle import resolve_inside
 
-    The runtime's backend choice calls this for ``backend="auto"`` and ``"tensorrt"``;
-    a reason is recorded in the model's notes when it falls back to ONNX Runtime.
-    """
-    from .. import bundle as bundle_io
-
-    chosen, reason = select_engines(manifest, device, precision)
-    if chosen is None:
-        return None, None, reason
-    root = Path(manifest.root)
     stages: dict[str, TensorRTBackend] = {}
     try:
         for stage, entry in chosen.items():
-            stages[stage] = TensorRTBackend(bundle_io.resolve_inside(root, entry["file"]), entry, device)
-    except (TensorRTError, MissingDependencyError, BundleError, OSError) as exc:
+            stages[stage] = TensorRTBackend(resolve_inside(Path(manifest.root), entry["file"]), entry, device)
+    except BaseException:
         for backend in stages.values():
             backend.close()
-        return None, None, f"TensorRT engines not used: {exc}"
-    return stages, next(iter(chosen.values()))["precision"], ""
+        raise
+    return stages
