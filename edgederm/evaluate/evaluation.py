@@ -41,7 +41,7 @@ def malignant_classes(model: Any, requested: Sequence[str] | None) -> list[str]:
     """``requested``, else the bundle's ``clinical.malignant_classes``, else the known malignant names."""
     from edgederm.runtime.safety import default_malignant_classes
 
-    names = list(requested) if requested else list(model.clinical.get("malignant_classes") or
+    names = list(requested) if requested else list(model.manifest.clinical.settings.get("malignant_classes") or
                                                   default_malignant_classes(model.class_names))
     unknown = [n for n in names if n not in model.class_names]
     if unknown:

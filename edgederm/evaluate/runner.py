@@ -61,10 +61,7 @@ class EvaluateOptions:
 
 def bundle_precisions(model: Any) -> list[str]:
     """Precisions every stage of a loaded bundle has a graph for, fp32 first."""
-    from edgederm.runtime.bundle import PRECISIONS
-
-    common = set.intersection(*(set(stage["graphs"]) for stage in model.manifest.stages))
-    return [p for p in PRECISIONS if p in common]
+    return list(model.manifest.precisions())
 
 
 def manifest_sha256(bundle: str | os.PathLike[str]) -> str:
