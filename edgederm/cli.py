@@ -75,12 +75,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_bundle(args.bundle, args.calib, precision=args.precision, method=args.method,
                              per_channel=not args.per_tensor, max_images=args.max_images, eval_dir=args.eval, seed=args.seed,
                              target_agreement=target, format=args.format, activation_type=args.activation_type,
-                             backend=args.backend, sensitivity_seconds=args.sensitivity_seconds,
+                             backend=args.backend, sensitivity_seconds=args.sensitivity_seconds, gate=args.gate,
                              say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(report)
     target_report = report.get("target") or {}
-    return 0 if target_report.get("reached", True) else 3
+    gate_report = report.get("gate") or {}
+    return 0 if target_report.get("reached", True) and gate_report.get("reached", True) else 3
 
 
 def _names(value: str) -> list[str]:
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fp16 or int8_dynamic (CPU only) graphs to BUNDLE. Nodes return to float until the end-to-end "
                                    "decision agreement with fp32 reaches --target-agreement. Fidelity against fp32 on --eval "
                                    "(or the unused calibration images) is printed and stored in the manifest. "
-                                   "Exit status 3 when the target was not reached.")
+                                   "Exit status 3 when the target or the --gate was not reached.")
     p.add_argument("bundle", type=Path)
     p.add_argument("--calib", required=True, type=Path, help="folder of calibration images (or labels.csv + images/)")
     p.add_argument("--precision", default="int8", choices=["int8", "fp16", "int8_dynamic"],
@@ -436,7 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modelopt: TensorRT-oriented QDQ placement by nvidia-modelopt (needs --activation-type int8)")
     p.add_argument("--sensitivity-seconds", type=float, default=60.0, help="time budget of the per-node sensitivity, per stage")
     p.add_argument("--max-images", type=int, default=64, help="calibration images to sample (seeded, stratified)")
-    p.add_argument("--eval", type=Path, default=None, help="held-out folder for the fidelity report")
+    p.add_argument("--eval", type=Path, default=None,
+                   help="held-out folder for the fidelity report; labelled (labels.csv + images/): the temperature "
+                        "and review thresholds are refitted for the new graphs on it, and --gate is measured on it")
+    p.add_argument("--gate", default=None,
+                   help="clinical metric changes against fp32 the graphs must keep on --eval, as deployed, e.g. "
+                        "\"sensitivity[melanoma]>=-0.01,auroc>=-0.005,ece<=+0.01\"; below it nodes return to float; "
+                        "exit status 3 with the table when it cannot be met")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)

@@ -31,12 +31,16 @@ SKIN_RGB = [(238, 206, 190), (226, 184, 158), (205, 158, 122), (176, 126, 90), (
 SIZE = 64
 
 
-def _darkness_classifier(weight_dtype=np.float32):
+def _darkness_classifier(weight_dtype=np.float32, outlier: float = 0.0):
+    """``outlier``: a weight of the melanoma row on a feature that is always 0. It changes
+    nothing in float, but an INT8 weight scale sized for it rounds the row's real weights
+    away: a model made sensitive to quantization on purpose, in one node (the Gemm)."""
     from onnx import TensorProto, helper
 
     mu = np.array([LESION_RGB[c] for c in CLASSES], np.float64) / 127.5 - 1.0  # preprocessed lesion colours
     scale = 4.0
     w = (2 * scale * mu).astype(weight_dtype).astype(np.float32)  # nearest prototype as a linear map
+    w = np.concatenate([w, np.array([[0.0], [outlier], [0.0]], np.float32)], axis=1)
     b = (-scale * (mu ** 2).sum(1)).astype(weight_dtype).astype(np.float32)
     shift = np.array([[0.0, 30.0, 0.0]], np.float32)  # melanoma logit per unit of darkness
     f32 = TensorProto.FLOAT
@@ -45,16 +49,21 @@ def _darkness_classifier(weight_dtype=np.float32):
             helper.make_tensor("shift", f32, [1, 3], shift.ravel()),
             helper.make_tensor("c0", TensorProto.INT64, [2], [24, 24]), helper.make_tensor("c1", TensorProto.INT64, [2], [40, 40]),
             helper.make_tensor("ax", TensorProto.INT64, [2], [2, 3]), helper.make_tensor("t0", TensorProto.INT64, [1], [0]),
-            helper.make_tensor("t1", TensorProto.INT64, [1], [6]), helper.make_tensor("ax2", TensorProto.INT64, [1], [2])]
+            helper.make_tensor("t1", TensorProto.INT64, [1], [6]), helper.make_tensor("ax2", TensorProto.INT64, [1], [2]),
+            helper.make_tensor("one", TensorProto.INT64, [1], [1]), helper.make_tensor("ax1", TensorProto.INT64, [1], [1])]
     nodes = [helper.make_node("Slice", ["dermoscopy", "c0", "c1", "ax"], ["centre"]),
              helper.make_node("GlobalAveragePool", ["centre"], ["cg"]), helper.make_node("Flatten", ["cg"], ["f"]),
-             helper.make_node("Gemm", ["f", "w", "b"], ["colour_logits"], transB=1),
+             helper.make_node("Slice", ["f", "t0", "one", "ax1"], ["f0"]), helper.make_node("Sub", ["f0", "f0"], ["zero"]),
+             helper.make_node("Concat", ["f", "zero"], ["f4"], axis=1),
+             helper.make_node("Gemm", ["f4", "w", "b"], ["colour_logits"], transB=1),
              helper.make_node("Slice", ["dermoscopy", "t0", "t1", "ax2"], ["top"]),
              helper.make_node("GlobalAveragePool", ["top"], ["tg"]), helper.make_node("Flatten", ["tg"], ["g"]),
              helper.make_node("MatMul", ["g", "mean3"], ["brightness"]),
              helper.make_node("Sub", ["thr", "brightness"], ["below"]), helper.make_node("Relu", ["below"], ["dark"]),
-             helper.make_node("MatMul", ["dark", "shift"], ["dark_logits"]),
+             helper.make_node("Mul", ["dark", "shift"], ["dark_logits"]),  # broadcast: no MatMul+Add for the optimizer to fuse
              helper.make_node("Add", ["colour_logits", "dark_logits"], ["logits"])]
+    for i, node in enumerate(nodes):
+        node.name = f"{node.op_type.lower()}_{i}"  # the per-node fallback names nodes
     graph = helper.make_graph(nodes, "darkness", [helper.make_tensor_value_info("dermoscopy", f32, ["batch", 3, SIZE, SIZE])],
                               [helper.make_tensor_value_info("logits", f32, ["batch", 3])], init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
