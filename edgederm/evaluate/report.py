@@ -176,6 +176,7 @@ def write_report(evaluation: Mapping[str, Any], folder: str | os.PathLike[str]) 
     parts = [f"<h1>Clinical evaluation of {html.escape(Path(evaluation['bundle']['path']).name)}</h1>",
              _overview(evaluation)]
     if classified:
+        parts.append(_findings(evaluation, classified))
         parts.append(_precision_table(evaluation))
         parts.append(_per_class_table(classified, names))
         reference = evaluation["comparison"]["reference"]
@@ -207,6 +208,26 @@ def _overview(ev: Mapping[str, Any]) -> str:
             + (f"<b>Cases the runtime refused:</b> {failed}." if failed else "") + "</p>")
 
 
+def _findings(ev: Mapping[str, Any], summaries: Mapping[str, Any]) -> str:
+    """What a reader must not miss: flagged subgroup gaps, and headline metrics that moved against fp32."""
+    items = []
+    for precision, summary in summaries.items():
+        for field, sub in (summary.get("subgroups") or {}).items():
+            if sub["flagged"]:
+                gap = sub["gaps"][sub["largest_gap"]]
+                items.append(f"<li class='flag'>{precision}: {html.escape(field)}: {sub['largest_gap']} "
+                             f"{_fmt(gap['worst_value'])} in {html.escape(gap['worst'])} vs {_fmt(gap['best_value'])} in "
+                             f"{html.escape(gap['best'])} (gap {_fmt(gap['gap'])}, intervals apart)</li>")
+    comparison = ev["comparison"]
+    for metric in HEADLINE:
+        for precision, entry in comparison["metrics"].get(metric, {}).items():
+            change = entry.get("change")
+            if precision != comparison["reference"] and change is not None and abs(change) >= 0.01:
+                items.append(f"<li>{precision}: {metric} {change:+.4f} against {comparison['reference']}</li>")
+    body = "".join(items) or "<li>No flagged subgroup gap; no headline metric moved by 0.01 or more against fp32.</li>"
+    return f"<h2>Findings</h2><ul>{body}</ul>"
+
+
 def _precision_table(ev: Mapping[str, Any]) -> str:
     comp = ev["comparison"]
     precisions = list(ev["precisions"])
@@ -224,7 +245,7 @@ def _precision_table(ev: Mapping[str, Any]) -> str:
             if p != ref:
                 change = e.get("change")
                 lower = metric in ("ece", "brier", "review_rate")
-                cls = "" if not change else ("worse" if (change > 0) == lower else "better")
+                cls = "" if change is None or abs(change) < 5e-5 else ("worse" if (change > 0) == lower else "better")
                 cells.append(f"<td class='{cls}'>{'n/a' if change is None else f'{change:+.4f}'}</td>")
         rows.append(f"<tr><td>{metric}</td>{''.join(cells)}</tr>")
     return (f"<h2>Every precision side by side</h2><p class='note'>Value (95% bootstrap CI); change against {ref}. "
