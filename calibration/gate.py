@@ -84,14 +84,16 @@ def check_defined(terms: Sequence[GateTerm], reference: Mapping[str, float], lab
 def gate_table(terms: Sequence[GateTerm], reference: Mapping[str, float],
                metrics: Mapping[str, float]) -> tuple[float, list[dict[str, Any]]]:
     """(the gate's slack, one row per term: fp32 value, value, change, bound, passed)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
+    slacks: list[float] = []
     for term in terms:
         value = metrics.get(term.metric, math.nan)
         change = value - reference[term.metric]
         slack = term.slack(change) if not math.isnan(change) else -math.inf
+        slacks.append(slack)
         rows.append({"term": str(term), "metric": term.metric, "fp32": reference[term.metric], "value": value,
                      "change": change, "slack": slack, "passed": slack >= 0})
-    return min(r["slack"] for r in rows), rows
+    return min(slacks), rows
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:

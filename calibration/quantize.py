@@ -450,7 +450,7 @@ def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging:
     own = report.pop("_clinical", None)
     data: dict[str, Any] = copy.deepcopy(dict(manifest.data))
     if own is not None:
-        clinical = data.get("clinical") if isinstance(data.get("clinical"), dict) else {}
+        clinical: dict[str, Any] = data["clinical"] if isinstance(data.get("clinical"), dict) else {}
         clinical.setdefault("precisions", {})[precision] = own
         data["clinical"] = clinical
     elif isinstance(data.get("clinical"), dict):  # settings fitted for the graphs being replaced

@@ -1,75 +1,23 @@
 """`quantize --gate` and the clinical settings refitted per precision.
 
-The bundle is a hand-built classifier (nearest lesion colour on 64 x 64 flat-skin
-images) with one weight of the melanoma row on a feature that is always 0: nothing in
-float, but INT8's per-channel weight scale sized for it rounds the row's real weights
-away, so plain INT8 loses melanomas and returning that one Gemm to float restores them.
+The bundle is the hand-built lesion-colour classifier of tests/flat_lesions.py with its
+quantization defect: one weight of the melanoma row on a feature that is always 0,
+nothing in float, but INT8's per-channel weight scale sized for it rounds the row's real
+weights away, so plain INT8 loses melanomas and returning that one Gemm to float
+restores them. Light skin only (no darkness defect).
 """
 from __future__ import annotations
 
-import csv
-
-import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx")
+from edgederm.runtime import load
+from edgederm.runtime.bundle import read_manifest
+from edgederm.runtime.probabilities import softmax
 
-from edgederm.runtime import load  # noqa: E402
-from edgederm.runtime.bundle import read_manifest  # noqa: E402
-from edgederm.runtime.probabilities import softmax  # noqa: E402
+from tests.flat_lesions import CLASSES, SIZE, lesion_colour_classifier, write_flat_dataset
 
-CLASSES = ["nevus", "melanoma", "vascular"]
-LESION_RGB = {"nevus": (150, 90, 50), "melanoma": (50, 35, 35), "vascular": (190, 40, 70)}
-SKIN_RGB = [(238, 206, 190), (205, 158, 122), (176, 126, 90)]
-SIZE = 64
 GATE = "sensitivity[melanoma]>=-0.01,auroc>=-0.005,ece<=+0.01"
-
-
-def _sensitive_classifier(outlier: float):
-    from onnx import TensorProto, helper
-
-    mu = np.array([LESION_RGB[c] for c in CLASSES], np.float64) / 127.5 - 1.0
-    w = np.concatenate([8 * mu, [[0.0], [outlier], [0.0]]], axis=1).astype(np.float32)
-    b = (-4 * (mu ** 2).sum(1)).astype(np.float32)
-    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    init = [helper.make_tensor("w", f32, w.shape, w.ravel()), helper.make_tensor("b", f32, [3], b),
-            helper.make_tensor("c0", i64, [2], [24, 24]), helper.make_tensor("c1", i64, [2], [40, 40]),
-            helper.make_tensor("ax", i64, [2], [2, 3]), helper.make_tensor("zero_i", i64, [1], [0]),
-            helper.make_tensor("one_i", i64, [1], [1])]
-    nodes = [helper.make_node("Slice", ["dermoscopy", "c0", "c1", "ax"], ["centre"], name="centre"),
-             helper.make_node("GlobalAveragePool", ["centre"], ["pooled"], name="pool"),
-             helper.make_node("Flatten", ["pooled"], ["f"], name="flatten"),
-             helper.make_node("Slice", ["f", "zero_i", "one_i", "one_i"], ["f0"], name="first"),
-             helper.make_node("Sub", ["f0", "f0"], ["zero"], name="zero"),
-             helper.make_node("Concat", ["f", "zero"], ["f4"], axis=1, name="features"),
-             helper.make_node("Gemm", ["f4", "w", "b"], ["logits"], transB=1, name="colour_gemm")]
-    graph = helper.make_graph(nodes, "sensitive", [helper.make_tensor_value_info("dermoscopy", f32, ["batch", 3, SIZE, SIZE])],
-                              [helper.make_tensor_value_info("logits", f32, ["batch", 3])], init)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
-def _write_data(root, per_cell, seed):
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True)
-    rows = []
-    for tone, skin in enumerate(SKIN_RGB, start=1):
-        for label, name in enumerate(CLASSES):
-            for k in range(per_cell):
-                image = np.empty((SIZE, SIZE, 3), np.float64)
-                image[:] = np.asarray(skin) + rng.normal(0, 4, 3)
-                image[24:40, 24:40] = np.asarray(LESION_RGB[name]) + rng.normal(0, 28, 3)
-                case_id = f"t{tone}_{name}_{k}"
-                cv2.imwrite(str(root / "images" / f"{case_id}.png"),
-                            cv2.cvtColor(np.clip(image, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR))
-                rows.append({"id": case_id, "label": label, "class_name": name})
-    with open(root / "labels.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "label", "class_name"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +29,9 @@ def gate_setup(tmp_path_factory, write_onnx_bundle):
     from edgederm.runtime.safety import malignant_probability, malignant_threshold
 
     base = tmp_path_factory.mktemp("gate")
-    calib = _write_data(base / "calib", per_cell=6, seed=5)
-    evald = _write_data(base / "eval", per_cell=8, seed=6)
-    graphs = {outlier: {"fp32": _sensitive_classifier(outlier)} for outlier in (300.0, 30.0)}
+    calib = write_flat_dataset(base / "calib", per_cell=6, seed=5, tones=3)
+    evald = write_flat_dataset(base / "eval", per_cell=8, seed=6, tones=3)
+    graphs = {outlier: {"fp32": lesion_colour_classifier(outlier=outlier, darkness=0.0)} for outlier in (300.0, 30.0)}
     clinical = {"temperature": 1.0, "review_threshold": 0.6, "review_classes": [], "malignant_classes": ["melanoma"],
                 "malignant_threshold": 0.3, "target_sensitivity": 0.95}
     probe = write_onnx_bundle(base / "probe", graphs[300.0], CLASSES, SIZE, clinical)
