@@ -86,3 +86,23 @@ def write_flat_dataset(root: Path, per_cell: int, seed: int, skin_tone_column: b
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+def mean_colour_classifier(num_classes: int, size: int = 32, seed: int = 0):
+    """A K-class classifier on the image's mean colour (GlobalAveragePool, Gemm), seeded
+    random weights: any class list, for datasets whose classes are not the three above."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 3, (num_classes, 3)).astype(np.float32)
+    b = rng.normal(0, 0.5, num_classes).astype(np.float32)
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("GlobalAveragePool", ["dermoscopy"], ["pooled"], name="pool"),
+             helper.make_node("Flatten", ["pooled"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w", "b"], ["logits"], transB=1, name="gemm")]
+    graph = helper.make_graph(nodes, "mean_colour", [helper.make_tensor_value_info("dermoscopy", f32, ["batch", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", f32, ["batch", num_classes])],
+                              [helper.make_tensor("w", f32, w.shape, w.ravel()), helper.make_tensor("b", f32, [num_classes], b)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -24,7 +24,15 @@ from edgederm.evaluate.skin import ITA_CATEGORIES, individual_typology_angle, it
 from edgederm.evaluate.stats import Cases, bootstrap, point_metrics
 from edgederm.runtime import load
 
-from tests.flat_lesions import CLASSES, SIZE, SKIN_RGB, lesion_colour_classifier, write_flat_dataset
+from tests import layout_fixtures
+from tests.flat_lesions import (
+    CLASSES,
+    SIZE,
+    SKIN_RGB,
+    lesion_colour_classifier,
+    mean_colour_classifier,
+    write_flat_dataset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +110,38 @@ def test_metrics_match_scikit_learn_on_runtime_predictions(evaluation, darkness_
     for name in ("accuracy", "auroc", "sensitivity[melanoma]", "ece"):
         lo, hi = got[name]["ci"]
         assert 0.0 <= lo <= hi <= 1.0
+
+
+@pytest.mark.parametrize("builder", ["make_isic2019", "make_isic2018", "make_ham10000", "make_pad", "make_derm7pt",
+                                     "make_ph2", "make_folder", "make_clinic_csv"])
+def test_every_public_layout_gives_the_scikit_learn_numbers(builder, tmp_path, write_onnx_bundle):
+    """The tiny fixture of each labelled layout, through evaluate, against scikit-learn."""
+    metrics_sk = pytest.importorskip("sklearn.metrics")
+    from edgederm.data import read_dataset
+
+    root = getattr(layout_fixtures, builder)(tmp_path / "data")
+    dataset = read_dataset(root)
+    names = list(dataset.class_names)
+    bundle = write_onnx_bundle(tmp_path / "bundle", {"fp32": mean_colour_classifier(len(names))}, names, 32,
+                               {"temperature": 1.0, "review_threshold": 0.5})
+    result = evaluate(bundle, root, tmp_path / "report", EvaluateOptions(n_boot=0))
+    got = result["precisions"]["fp32"]
+    assert got["evaluated"] == len(dataset) and result["data"]["layout"] == dataset.layout
+    model = load(bundle, precision="fp32")
+    probs = np.array([[model.predict_file(r.image).probabilities[c] for c in names] for r in dataset])
+    y, pred = dataset.labels, probs.argmax(1)
+    assert got["confusion_matrix"] == metrics_sk.confusion_matrix(y, pred, labels=list(range(len(names)))).tolist()
+    for c, name in enumerate(names):
+        if (y == c).any():
+            assert got["metrics"][f"sensitivity[{name}]"]["value"] == pytest.approx(
+                metrics_sk.recall_score(y == c, pred == c), abs=1e-9)
+        if 0 < (y == c).sum() < len(y):
+            assert got["metrics"][f"auroc[{name}]"]["value"] == pytest.approx(
+                metrics_sk.roc_auc_score(y == c, probs[:, c]), abs=1e-9)
+        else:
+            assert got["metrics"][f"auroc[{name}]"]["value"] is None
+    assert got["metrics"]["accuracy"]["value"] == pytest.approx(metrics_sk.accuracy_score(y, pred), abs=1e-9)
+    assert got["metrics"]["ece"]["value"] == pytest.approx(_ece_reference(probs, y), abs=1e-9)
 
 
 def test_precisions_side_by_side_with_change_against_fp32(evaluation):
