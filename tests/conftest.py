@@ -77,13 +77,14 @@ def write_mini_bundle():
 
 @pytest.fixture(scope="session")
 def write_onnx_bundle():
-    """``write(root, graphs, classes, size, clinical) -> root``: a one-stage classifier bundle from
-    ONNX models (``{precision: onnx.ModelProto}``) taking ``dermoscopy`` [batch, 3, size, size]."""
+    """``write(root, graphs, classes, size, clinical, task="classify", tiling=None) -> root``: a one-stage
+    bundle from ONNX models (``{precision: onnx.ModelProto}``) taking ``dermoscopy`` [batch, 3, size, size]
+    and giving ``logits`` ([batch, classes], or [batch, classes, size, size] for a segmenter)."""
     pytest.importorskip("onnx")
     return _write_onnx_bundle
 
 
-def _write_onnx_bundle(root, graphs, classes, size, clinical):
+def _write_onnx_bundle(root, graphs, classes, size, clinical, task="classify", tiling=None):
     import onnx
 
     from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, sha256_file, write_json_atomic
@@ -95,14 +96,15 @@ def _write_onnx_bundle(root, graphs, classes, size, clinical):
         files[f"classifier.{precision}.onnx"] = sha256_file(root / f"classifier.{precision}.onnx")
     write_json_atomic(root / "manifest.json", {
         "format": FORMAT, "format_version": FORMAT_VERSION, "sdk_version": "0.1.0",
-        "model": {"name": "mini", "architecture": "Mini", "task": "classify", "modalities": ["dermoscopy"],
+        "model": {"name": "mini", "architecture": "Mini", "task": task, "modalities": ["dermoscopy"],
                   "class_names": list(classes), "input_size": [size, size], "metadata_schema": None},
         "preprocess": {"input_size": [size, size]},
         "stages": [{"name": "classifier",
                     "inputs": [{"name": "dermoscopy", "shape": ["batch", 3, size, size], "dtype": "float32", "source": "dermoscopy"}],
-                    "outputs": [{"name": "logits", "shape": ["batch", len(classes)], "dtype": "float32"}],
+                    "outputs": [{"name": "logits", "dtype": "float32",
+                                 "shape": ["batch", len(classes)] + ([size, size] if task == "segment" else [])}],
                     "graphs": {p: {"file": f"classifier.{p}.onnx", "sha256": files[f"classifier.{p}.onnx"]} for p in graphs}}],
-        "tiling": None, "calibration": None,
+        "tiling": tiling, "calibration": None,
         "clinical": clinical,
         "files": {name: {"sha256": digest, "bytes": (root / name).stat().st_size} for name, digest in files.items()},
     })

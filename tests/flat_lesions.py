@@ -106,3 +106,23 @@ def mean_colour_classifier(num_classes: int, size: int = 32, seed: int = 0):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def dark_pixel_segmenter(threshold: float = 110.0, sharpness: float = 12.0):
+    """A segmenter of dark pixels: lesion where the mean of R, G, B is under ``threshold``
+    (a 1x1 convolution to background/lesion logits), any tile size."""
+    from onnx import TensorProto, helper
+
+    # Preprocessed x = v / 127.5 - 1; lesion logit = sharpness * (t - mean v) / 127.5.
+    t = threshold / 127.5 - 1.0
+    w = np.zeros((2, 3, 1, 1), np.float32)
+    w[1, :, 0, 0] = -sharpness / 3
+    b = np.array([0.0, sharpness * t], np.float32)
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node("Conv", ["dermoscopy", "w", "b"], ["logits"], name="pixel_conv")],
+                              "dark_pixels", [helper.make_tensor_value_info("dermoscopy", f32, ["batch", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("logits", f32, ["batch", 2, "h", "w"])],
+                              [helper.make_tensor("w", f32, w.shape, w.ravel()), helper.make_tensor("b", f32, [2], b)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -29,6 +29,7 @@ from tests.flat_lesions import (
     CLASSES,
     SIZE,
     SKIN_RGB,
+    dark_pixel_segmenter,
     lesion_colour_classifier,
     mean_colour_classifier,
     write_flat_dataset,
@@ -270,6 +271,47 @@ def test_segmentation_figures_match_scikit_learn(tmp_path):
     summary = segmentation_summary(rows, 200, 0)
     assert summary["dice"]["value"] == pytest.approx(np.mean(dice_ref), abs=1e-6)
     assert summary["dice"]["ci"][0] <= summary["dice"]["value"] <= summary["dice"]["ci"][1]
+
+
+def test_segmenter_tiled_dice_iou_match_scikit_learn(tmp_path, write_onnx_bundle):
+    """A segmenter bundle run tiled by the runtime (images larger than a tile) on the
+    isic_segmentation layout: per-image Dice and IoU against scikit-learn on the masks
+    the runtime returned."""
+    metrics_sk = pytest.importorskip("sklearn.metrics")
+
+    rng = np.random.default_rng(7)
+    images, masks = tmp_path / "data" / "ISIC2018_Task1-2_Training_Input", tmp_path / "data" / "ISIC2018_Task1_Training_GroundTruth"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(5):
+        image = np.full((110, 150, 3), SKIN_RGB[1], np.uint8)
+        truth = np.zeros((110, 150), np.uint8)
+        cv2.ellipse(truth, (int(rng.integers(50, 100)), int(rng.integers(40, 70))),
+                    (int(rng.integers(15, 35)), int(rng.integers(10, 30))), 0, 0, 360, 1, -1)
+        image[truth > 0] = (70, 45, 40)
+        image[:, :int(rng.integers(0, 20))] = (90, 90, 90)  # a dark band that is not lesion: imperfect masks
+        cv2.imwrite(str(images / f"ISIC_{i:07d}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 98])
+        cv2.imwrite(str(masks / f"ISIC_{i:07d}_segmentation.png"), truth * 255)
+    bundle = write_onnx_bundle(tmp_path / "bundle", {"fp32": dark_pixel_segmenter()}, ["background", "lesion"], 64,
+                               {}, task="segment", tiling={"tile": 64, "overlap": 0.25, "blend": "gaussian"})
+    result = evaluate(bundle, tmp_path / "data", tmp_path / "report", EvaluateOptions(n_boot=100))
+    assert result["data"]["layout"] == "isic_segmentation"
+    model = load(bundle, precision="fp32")
+    assert model.plan_memory(110, 150).batch_size >= 1
+    dice_ref, iou_ref = [], []
+    for i in range(5):
+        predicted = model.predict_file(images / f"ISIC_{i:07d}.jpg").mask > 0
+        truth = cv2.imread(str(masks / f"ISIC_{i:07d}_segmentation.png"), cv2.IMREAD_GRAYSCALE) > 127
+        assert model.last_run["tiles"] > 1  # tiled, not one resized pass
+        dice_ref.append(metrics_sk.f1_score(truth.ravel(), predicted.ravel()))
+        iou_ref.append(metrics_sk.jaccard_score(truth.ravel(), predicted.ravel()))
+    seg = result["precisions"]["fp32"]["segmentation"]
+    assert 0.0 < np.mean(dice_ref) < 1.0  # the band makes the masks imperfect: a number that can be wrong
+    assert seg["dice"]["value"] == pytest.approx(np.mean(dice_ref), abs=1e-6)
+    assert seg["iou"]["value"] == pytest.approx(np.mean(iou_ref), abs=1e-6)
+    assert seg["dice"]["ci"][0] <= seg["dice"]["value"] <= seg["dice"]["ci"][1]
+    page = write_report(result, tmp_path / "report")
+    assert "Segmentation (mean per image" in page.read_text()
 
 
 def test_resume_runs_only_the_cases_left(darkness_bundle, flat_data, tmp_path):
