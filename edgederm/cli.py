@@ -97,7 +97,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     folder = args.report or Path(f"evaluation-{args.bundle.resolve().name}")
     options = EvaluateOptions(precisions=precisions, by=_names(args.by), workers=args.workers,
                               malignant=_names(args.malignant) if args.malignant else None, n_boot=args.bootstrap,
-                              seed=args.seed, layout=args.layout, backend=args.backend, progress=True, limit=args.limit)
+                              seed=args.seed, layout=args.layout, backend=args.backend, progress=True, limit=args.limit,
+                              ray=args.ray)
     evaluation = evaluate(args.bundle, args.data, folder, options)
     page = write_report(evaluation, folder)
     if args.json:
@@ -521,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="predict on a Ray cluster with Ray Data (auto, ray://host:10001, or local); --workers actors. "
+                        "Image paths must be readable on every node. pip install 'edgederm[ray]'")
     p.add_argument("--json", action="store_true", help="print every number as JSON")
     p.set_defaults(func=cmd_evaluate)
 

@@ -409,3 +409,33 @@ def test_report_renders_in_headless_chromium_without_console_errors(evaluation, 
     assert pixels is not None and pixels.shape[1] == 1200
     assert pixels.std() > 10  # a page with text and plots, not a blank one
     record_property("figure:report screenshot", str(shot))
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _local_ray():
+    """A local two-CPU Ray instance, or a skip saying why there is none."""
+    try:
+        import ray
+    except ImportError:
+        pytest.skip("ray is not installed (pip install 'edgederm[ray]'); evaluate --ray is not run here")
+    try:
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # a sandbox without the ports or shared memory Ray needs
+        pytest.skip(f"a local Ray instance could not start: {exc}")
+    return ray
+
+
+@pytest.mark.slow
+def test_ray_gives_the_numbers_of_a_single_process(darkness_bundle, flat_data, tmp_path):
+    ray = _local_ray()
+    try:
+        options = dict(precisions=["fp32"], by=["skin_tone"], n_boot=100, limit=30)
+        on_ray = evaluate(darkness_bundle, flat_data, tmp_path / "ray", EvaluateOptions(ray="local", workers=2, **options))
+        local = evaluate(darkness_bundle, flat_data, tmp_path / "local", EvaluateOptions(**options))
+    finally:
+        ray.shutdown()
+    assert on_ray["precisions"] == local["precisions"]
+    assert on_ray["precisions"]["fp32"]["evaluated"] == 30

@@ -56,6 +56,7 @@ class EvaluateOptions:
     backend: str = "auto"
     progress: bool | Callable[[str, int, int], None] = False
     limit: int | None = None  # evaluate the first N records only (smoke runs)
+    ray: str | None = None  # a Ray address: predict on that cluster (edgederm/evaluate/distributed.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -211,7 +212,13 @@ def run_precision(bundle: str, precision: str, dataset: Dataset | Sequence[Recor
         log.info("%s: resuming, %d of %d cases already done", precision, len(records) - len(remaining), len(records))
     report = _progress(options.progress, f"evaluating {precision}")
     done = len(records) - len(remaining)
-    for row in _run_cases(bundle, precision, options.backend, remaining, options.workers, skin):
+    if options.ray:
+        from edgederm.evaluate.distributed import run_on_ray
+
+        rows = run_on_ray(options.ray, bundle, precision, options.backend, remaining, options.workers, skin)
+    else:
+        rows = _run_cases(bundle, precision, options.backend, remaining, options.workers, skin)
+    for row in rows:
         cases.add(row)
         done += 1
         if report:
