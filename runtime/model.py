@@ -85,8 +85,9 @@ class DeployedModel:
         start = time.perf_counter()
         choice, engine_backends = self._choose(backend, precision, graph_overrides)
         self.backend_name, self.precision = choice.backend, choice.precision
-        # Temperature and review thresholds of the graph that runs (refitted per precision by quantize).
-        self.clinical = manifest.clinical.for_precision(self.precision)
+        # Temperature and review thresholds of the graph that runs (refitted per precision by quantize);
+        # candidate graphs (overrides) have none of their own yet and are judged at the fp32 values.
+        self.clinical = manifest.clinical if graph_overrides else manifest.clinical.for_precision(self.precision)
         self.notes: list[str] = list(choice.notes)
         for note in choice.notes:
             log.warning(note)

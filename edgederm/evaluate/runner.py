@@ -27,7 +27,7 @@ import json
 import logging
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -57,7 +57,6 @@ class EvaluateOptions:
     progress: bool | Callable[[str, int, int], None] = False
     limit: int | None = None  # evaluate the first N records only (smoke runs)
     ray: str | None = None  # a Ray address: predict on that cluster (edgederm/evaluate/distributed.py)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def bundle_precisions(model: Any) -> list[str]:
