@@ -198,6 +198,18 @@ class Clinical:
     review_threshold: float = 0.0
     settings: Mapping[str, Any] = field(default_factory=dict)
 
+    def for_precision(self, precision: str) -> Clinical:
+        """The settings a ``precision`` graph runs with: ``settings["precisions"][precision]``
+        (temperature and review thresholds refitted for that graph by ``edgederm quantize``)
+        over the fp32 ones."""
+        own = (self.settings.get("precisions") or {}).get(precision)
+        return self.with_settings(own) if own else self
+
+    def with_settings(self, own: Mapping[str, Any]) -> Clinical:
+        """These settings with ``own`` (temperature, review thresholds) over them."""
+        settings = {**self.settings, **own}
+        return Clinical(float(settings.get("temperature", 1.0)), float(settings.get("review_threshold") or 0.0), settings)
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -406,6 +418,20 @@ def _clinical(raw: Any) -> Clinical:
     for key in ("review_threshold", "malignant_threshold", "review_class_min_probability"):
         if raw.get(key) is not None:
             _number(f"clinical.{key}", raw[key], 0.0, 1.0, "a probability in [0, 1]")
+    per_precision = raw.get("precisions")
+    if per_precision is not None:
+        if not isinstance(per_precision, dict):
+            raise _fail("clinical.precisions", per_precision, "a JSON object: precision -> refitted settings")
+        for precision, own in per_precision.items():
+            where = f"clinical.precisions.{precision}"
+            _str(where, precision, PRECISIONS)
+            if not isinstance(own, dict) or not set(own) <= {"temperature", "review_threshold", "malignant_threshold"}:
+                raise _fail(where, own, "a JSON object with temperature, review_threshold, malignant_threshold")
+            if own.get("temperature") is not None:
+                _number(f"{where}.temperature", own["temperature"], 0.0, math.inf, "a finite number > 0", open_low=True)
+            for key in ("review_threshold", "malignant_threshold"):
+                if own.get(key) is not None:
+                    _number(f"{where}.{key}", own[key], 0.0, 1.0, "a probability in [0, 1]")
     for key in ("review_classes", "malignant_classes"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
