@@ -11,7 +11,8 @@ from edgederm.cli import main as cli_main
 from edgederm.runtime import load
 from edgederm.runtime.bundle import sha256_file
 from edgederm.runtime.errors import SelfTestError
-from edgederm.runtime.selftest import TOLERANCE_FLOOR, add_goldens, run_selftest, selftest_bundle, synthetic_lesion
+from edgederm.runtime.goldens import add_goldens, selftest_bundle
+from edgederm.runtime.selftest import TOLERANCE_FLOOR, run_selftest, synthetic_lesion
 
 
 @pytest.fixture(scope="module")
