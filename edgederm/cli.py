@@ -64,8 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, preprocess, clinical = model_from_checkpoint_or_name(args.model)
     export_bundle(model, args.out, preprocess=preprocess, clinical=clinical, opset=args.opset,
-                  verify=not args.no_verify, overwrite=args.overwrite, progress=print)
-    return 0
+                  verify=not args.no_verify, overwrite=args.overwrite, progress=print, target=args.target)
+    return _lint_after(args.out, args.target, None) if args.target else 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -80,7 +80,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report)
     target_report = report.get("target") or {}
+    if args.target and _lint_after(args.bundle, args.target, [args.precision]):
+        return 1
     return 0 if target_report.get("reached", True) else 3
+
+
+def _print_findings(findings: list[Any], target: str) -> None:
+    from edgederm.export.lint import summarize
+
+    if not findings:
+        print(f"lint: no findings for {target}")
+        return
+    print(_table(summarize(findings), ["graph", "severity", "rule", "op", "count", "node", "message", "fix"]))
+    print(f"lint: {len(findings)} finding(s) for {target} (a row's node is the first of its count)")
+
+
+def _lint_after(bundle: Path, target: str, precisions: list[str] | None) -> int:
+    """`export` / `quantize` with --target: lint what was written; status 1 on findings."""
+    from edgederm.export.lint import lint_bundle
+
+    findings = lint_bundle(bundle, target, precisions=precisions)
+    _print_findings(findings, target)
+    return 1 if findings else 0
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    from edgederm.export.lint import lint_bundle
+
+    findings = lint_bundle(args.bundle, args.target, precisions=args.precision or None)
+    if args.json:
+        _print_json([f.to_dict() for f in findings])
+    else:
+        _print_findings(findings, args.target)
+    return 1 if findings else 0
 
 
 def cmd_bench_precision(args: argparse.Namespace) -> int:
@@ -189,13 +221,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from edgederm.doctor import diagnose
 
-    report = diagnose()
+    report = diagnose(bundle=args.bundle, target=args.target)
     if args.json:
         _print_json(report)
     else:
         for key, value in report.items():
-            print(f"{key:<22} {value}")
-    return 0
+            if key != "mismatches":
+                print(f"{key:<22} {value}")
+        for problem in report.get("mismatches", []):
+            print(f"mismatch: {problem}")
+        if "mismatches" in report and not report["mismatches"]:
+            print("no mismatch with " + " and ".join(str(v) for v in (args.bundle, args.target) if v))
+    return 1 if report.get("mismatches") else 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -332,6 +369,14 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 
 
 # -- parser --------------------------------------------------------------------------
+def _target_option(p: argparse.ArgumentParser, help: str, required: bool = False) -> None:
+    """--target TARGET: one of the device profiles (runtime/target_profiles)."""
+    from edgederm.runtime.targets import target_names
+
+    p.add_argument("--target", required=required, default=None, metavar="TARGET", choices=target_names(),
+                   help=help + " One of: %(choices)s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgederm",
@@ -368,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export every stage to ONNX (dynamo exporter), check ONNX Runtime against torch at batch 1 and 5, and write a bundle with manifest.json and a sha256 per file.")
     p.add_argument("model", help="checkpoint folder (from `edgederm train`) or a registered model name (random weights)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18 default; 17 for TensorRT 8.5 / JetPack 5)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset the exporter writes (18, its native one); "
+                   "for TensorRT 8.5/8.6 pass --target, which converts to 17")
+    _target_option(p, "device profile: write the graph forms its TensorRT parser takes, record it in the manifest, "
+                      "then lint (exit status 1 on findings).")
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=cmd_export)
@@ -396,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modelopt: TensorRT-oriented QDQ placement by nvidia-modelopt (needs --activation-type int8)")
     p.add_argument("--sensitivity-seconds", type=float, default=60.0, help="time budget of the per-node sensitivity, per stage")
     p.add_argument("--max-images", type=int, default=64, help="calibration images to sample (seeded, stratified)")
+    _target_option(p, "lint the new graphs for this device profile afterwards (exit status 1 on findings).")
     p.add_argument("--eval", type=Path, default=None, help="held-out folder for the fidelity report")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -570,8 +619,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
     p.set_defaults(func=cmd_export_triton)
 
-    p = sub.add_parser("doctor", help="what this machine can run: backends, GPU, memory",
-                       description="Report Python, numpy, OpenCV, ONNX Runtime providers, torch/TensorRT availability, CPU features and memory.")
+    p = sub.add_parser("lint", help="will a target's TensorRT parser take every graph of a bundle? (no TensorRT needed)",
+                       description="Check every node of every graph in BUNDLE against the onnx-tensorrt operator table of "
+                                   "the target's TensorRT release, graph input types, dynamic shapes, opset, non-ONNX "
+                                   "domains and INT8 Q/DQ placement. Each finding names graph, node, op, target and the fix. "
+                                   "Exit status 0: no findings; 1: findings; 2: the bundle or target cannot be read.")
+    p.add_argument("bundle", type=Path)
+    _target_option(p, "the device profile whose TensorRT parser to check against.", required=True)
+    p.add_argument("--precision", action="append", help="only graphs of this precision (repeatable; default all)")
+    p.add_argument("--json", action="store_true", help="print every finding as JSON")
+    p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("doctor", help="what this machine can run: backends, GPU, memory; why a bundle would not run here",
+                       description="Report Python, numpy, OpenCV, ONNX Runtime providers, torch/TensorRT availability, CPU "
+                                   "features and memory; on a Jetson the Jetson Linux release (/etc/nv_tegra_release), the "
+                                   "TensorRT and CUDA installed and the target profiles of that release. With --bundle / "
+                                   "--target, every mismatch with the bundle's target and engines (exit status 1 if any).")
+    p.add_argument("--bundle", type=Path, default=None, help="check this bundle's target and TensorRT engines against this device")
+    _target_option(p, "check this device against a target profile.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
 

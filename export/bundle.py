@@ -23,8 +23,10 @@ from edgederm.runtime.bundle import (DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_TIL
                                      Manifest, parse_manifest, sha256_file, write_manifest)
 from edgederm.runtime.preprocess import PreprocessConfig
 from edgederm.runtime.staging import commit, make_staging
+from edgederm.runtime.targets import load_target
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
+from .target_forms import rewrite_file_for_target
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def export_bundle(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
     profile_memory: bool = True,
+    target: str | None = None,
 ) -> Path:
     """Export every stage of ``model`` to ONNX and write a verified bundle to ``out_dir``.
 
@@ -70,6 +73,9 @@ def export_bundle(
     of the profiled stage (tiles, windows, or a classifier's whole images) in
     subprocesses (export/memory_profile.py) and stores it as the manifest's "memory",
     so a memory budget can be planned for every bundle; False leaves it out.
+    ``target`` (a profile name, edgederm.runtime.targets) rewrites each graph into the
+    forms that target's TensorRT parser takes (export/target_forms.py) before the parity
+    check, and records the target in the manifest; `edgederm lint` checks the result.
     """
     if not isinstance(model, EdgeDermModel):
         raise ExportError(
@@ -81,6 +87,8 @@ def export_bundle(
         raise ExportError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda msg: log.info(msg))
+    profile = load_target(target) if target is not None else None
+    target_forms: dict[str, dict[str, Any]] = {}
     model = model.eval()
     staging = make_staging(out.parent, f".{out.name}.partial-")
     try:
@@ -89,6 +97,10 @@ def export_bundle(
         for stage in model.export_stages():
             say(f"exporting stage {stage.name} (opset {opset})")
             path = export_stage_onnx(stage, staging / f"{stage.name}.fp32.onnx", opset=opset)
+            if profile is not None:
+                forms = rewrite_file_for_target(path, profile)
+                target_forms[stage.name] = forms.to_dict()
+                say(f"  for {profile.name}: opset {forms.opset}, " + (", ".join(f"{n} x {k}" for k, n in forms.rewrites.items()) or "no rewrites"))
             if verify:
                 report: ParityReport = check_parity(stage, path, rtol=rtol)
                 say(f"  parity vs torch: max rel diff {report.max_rel_diff:.2e} (batch {report.batch_sizes}, rtol {rtol:g})")
@@ -129,7 +141,9 @@ def export_bundle(
             },
             "preprocess": preprocess_config.to_dict(),
             "stages": stages_json,
-            "export": {"exporter": "torch.onnx dynamo", "opset": opset, "torch": _torch_version(), "parity": parity},
+            "export": {"exporter": "torch.onnx dynamo", "opset": min((f["opset"] for f in target_forms.values()), default=opset), "torch": _torch_version(), "parity": parity},
+            "target": None if profile is None else {
+                "name": profile.name, "tensorrt": profile.tensorrt, "max_opset": profile.max_opset, "stages": target_forms},
             "tiling": tiling,
             "memory": None,
             "calibration": None,
