@@ -343,15 +343,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from edgederm.runtime import selftest
+    from edgederm.runtime.goldens import add_goldens, selftest_bundle
 
     if args.action == "add":
-        goldens = selftest.add_goldens(args.bundle, key_provider=args.key_file)
-        print(f"stored goldens for {', '.join(sorted(goldens))} in {args.bundle}; sign the bundle again")
+        stored = add_goldens(args.bundle, key_provider=args.key_file)
+        print(f"stored goldens for {', '.join(sorted(stored))} in {args.bundle}; sign the bundle again")
         return 0
     precisions = [args.precision] if args.precision else None
-    rows = selftest.selftest_bundle(args.bundle, precisions=precisions, backend=args.backend,
-                                    trusted_keys=args.trusted_key or None, key_provider=args.key_file)
+    rows = selftest_bundle(args.bundle, precisions=precisions, backend=args.backend,
+                           trusted_keys=args.trusted_key or None, key_provider=args.key_file)
     if args.json:
         _print_json(rows)
     else:

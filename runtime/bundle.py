@@ -218,6 +218,39 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Goldens:
+    """One stage's golden self-test (runtime/selftest.py): the ``.npz`` of its inputs and
+    reference outputs, and the largest difference allowed per precision."""
+
+    file: str
+    tolerance: Mapping[str, float]
+    reference: str = "fp32"
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    seed: int
+    stages: Mapping[str, Goldens]
+
+
+@dataclass(frozen=True)
+class EncryptedGraph:
+    """How one graph file was encrypted (runtime/crypto.py)."""
+
+    nonce: str  # base64
+    plaintext_sha256: str
+    plaintext_file: str
+
+
+@dataclass(frozen=True)
+class Encryption:
+    algorithm: str
+    key_id: str
+    source_manifest_sha256: str  # the plain bundle's manifest, bound into each ciphertext
+    files: Mapping[str, EncryptedGraph]  # encrypted file name -> record
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed bundle. ``data`` is the raw manifest, kept for writers only (export,
     quantize, build copy it, change it and hand it to :func:`write_manifest`)."""
@@ -232,6 +265,8 @@ class Manifest:
     files: Mapping[str, FileEntry]
     calibration: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     engines: tuple[Mapping[str, Any], ...] = ()
+    selftest: SelfTest | None = None
+    encryption: Encryption | None = None
     format_version: int = FORMAT_VERSION
     verified: Mapping[str, str] = field(default_factory=dict)  # file -> sha256 of the bytes checked
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -440,6 +475,61 @@ def _clinical(raw: Any) -> Clinical:
     return Clinical(temperature, threshold, dict(raw))
 
 
+def _sha(where: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 64:
+        raise _fail(where, value, "a 64-hex-digit sha256")
+    return value
+
+
+def _selftest(raw: Any, files: Mapping[str, FileEntry], stages: Sequence[Stage]) -> SelfTest | None:
+    if raw is None:
+        return None
+    fix = "run `edgederm selftest add BUNDLE` again"
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
+        raise ManifestError("selftest", raw, "a JSON object {seed, stages: {stage: {file, tolerance}}} or null", fix)
+    goldens = {}
+    for name, entry in raw["stages"].items():
+        where = f"selftest.stages[{name!r}]"
+        if name not in {s.name for s in stages}:
+            raise ManifestError(where, name, f"one of the bundle's stages {[s.name for s in stages]}", fix)
+        if not isinstance(entry, dict) or not isinstance(entry.get("tolerance"), dict):
+            raise ManifestError(where, entry, "a JSON object {file, tolerance: {precision: number}}", fix)
+        file = _str(f"{where}.file", entry.get("file"))
+        if file not in files:
+            raise BundleIntegrityError(f"goldens {file!r} of stage {name!r} are not in the manifest's file table "
+                                       "(unverified); run `edgederm selftest add` again")
+        tolerance = {_str(f"{where}.tolerance", p, PRECISIONS): _number(f"{where}.tolerance.{p}", t, 0.0, math.inf,
+                                                                         "a finite number >= 0")
+                     for p, t in entry["tolerance"].items()}
+        goldens[name] = Goldens(file, tolerance, _str(f"{where}.reference", entry.get("reference", "fp32"), PRECISIONS))
+    return SelfTest(_int("selftest.seed", raw.get("seed", 0), 0), goldens)
+
+
+def _encryption(raw: Any, files: Mapping[str, FileEntry], stages: Sequence[Stage]) -> Encryption | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("files"), dict):
+        raise _fail("encryption", raw, "a JSON object {algorithm, key_id, source_manifest_sha256, files} or null",
+                    "encrypt the plain bundle again (edgederm encrypt)")
+    records = {}
+    for name, record in raw["files"].items():
+        where = f"encryption.files[{name!r}]"
+        if name not in files:
+            raise BundleIntegrityError(f"encrypted graph {name!r} is not in the manifest's file table")
+        if not isinstance(record, dict):
+            raise _fail(where, record, "a JSON object {nonce, plaintext_sha256, plaintext_file}")
+        records[name] = EncryptedGraph(_str(f"{where}.nonce", record.get("nonce")),
+                                       _sha(f"{where}.plaintext_sha256", record.get("plaintext_sha256")),
+                                       _str(f"{where}.plaintext_file", record.get("plaintext_file")))
+    for stage in stages:
+        for graph in stage.graphs.values():
+            if graph.file not in records:
+                raise BundleIntegrityError(f"bundle is encrypted but graph {graph.file!r} has no encryption record; "
+                                           "re-encrypt the plain bundle")
+    return Encryption(_str("encryption.algorithm", raw.get("algorithm")), _str("encryption.key_id", raw.get("key_id")),
+                      _sha("encryption.source_manifest_sha256", raw.get("source_manifest_sha256")), records)
+
+
 def _model(raw: dict[str, Any]) -> ModelInfo:
     names = raw.get("class_names")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
@@ -516,7 +606,8 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
     return Manifest(root=root, model=model, preprocess=preprocess, stages=tuple(stages), tiling=tiling,
                     memory=memory, clinical=_clinical(data.get("clinical")), files=files,
                     calibration={k: v for k, v in calibration.items() if isinstance(v, dict)},
-                    engines=tuple(engines), format_version=version, data=data)
+                    engines=tuple(engines), selftest=_selftest(data.get("selftest"), files, stages),
+                    encryption=_encryption(data.get("encryption"), files, stages), format_version=version, data=data)
 
 
 def _load_json(path: Path) -> Any:

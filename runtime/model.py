@@ -10,7 +10,7 @@ temperature stored in the bundle and decides ``needs_review`` from the bundle's
 clinical settings (runtime/safety.py). There is no model-specific code here.
 
 * Memory: ``memory_budget`` is planned by ``runtime.memory.plan`` from the profile
-  export measured (``manifest["memory"]``) into a tile/window batch size, at load
+  export measured (``memory`` in manifest.json) into a tile/window batch size, at load
   for a reference image (``plan_image_size``, default 2048 px a side) and again per
   image size (cached); a budget that cannot be met raises MemoryBudgetError naming
   the minimum.
