@@ -16,7 +16,7 @@ docs/your-own-model.md):
 ``crop_fraction = C / S``: the same region of the photo. The libraries resample with
 PIL or torch (bilinear/bicubic, antialiased); the runtime resamples with OpenCV (area
 when shrinking, linear when enlarging), so where a resize happens the pixels differ
-slightly (bounded in tests/test_your_own_model.py); without a resize they are equal.
+slightly (bounded in tests/export/test_your_own_model.py); without a resize they are equal.
 """
 from __future__ import annotations
 

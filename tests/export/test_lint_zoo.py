@@ -116,7 +116,7 @@ def test_export_and_quantize_with_a_target(tmp_path, synthetic_data):
     import onnx
 
     out = tmp_path / "bundle"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     cli = [sys.executable, "-m", "edgederm.cli"]
     export = subprocess.run([*cli, "export", "hifuse_tiny", "--out", str(out), "--target", "jetson-orin-nano-4gb-jp5"],
                             capture_output=True, text=True, timeout=900, cwd=repo)
