@@ -409,6 +409,16 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runtime_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    """How a command that loads a bundle runs it: backend, precision, memory budget."""
+    if backend:
+        p.add_argument("--backend", default="auto",
+                       help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt | triton://HOST:PORT")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
+    p.add_argument("--memory-budget", default=None,
+                   help="plan the tile batch for this budget, e.g. 1.5GiB (binary units: M = MiB; MB = 10^6 bytes)")
+
+
 def _add_trusted_key(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--trusted-key", action="append", type=Path, default=[], required=required, metavar="PUB",
                    help="refuse the bundle unless signed by this public key (repeatable)")
@@ -591,11 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("image", type=Path)
     p.add_argument("--metadata", help='JSON text or file, e.g. \'{"age": 54, "sex": "female", "site": "back"}\'')
-    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
+    _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print label, probabilities, review, backend, precision, timings as JSON")
     p.add_argument("--overlay", type=Path, default=None, metavar="PNG", help="write the mask outline and heatmap over the image (segmenters)")
-    p.add_argument("--memory-budget", default=None, help="plan the tile batch for this budget, e.g. 1.5GiB or 800MB")
     _add_trust_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -609,8 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-model", default=None, metavar="MODULE:CALLABLE",
                    help="build the peers' torch model with this callable (a model outside the registry); weights from --checkpoint if given")
     p.add_argument("--peers", default="torch,monai", help="comma-separated peers: torch, monai; or none")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
-    p.add_argument("--memory-budget", default=None, help="memory budget for the runtime, e.g. 1.5GiB")
+    _add_runtime_options(p, backend=False)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: min(2, cores))")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write latency and memory against megapixels")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -708,9 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the bearer token clients must send (else $EDGEDERM_SERVE_TOKEN)")
     p.add_argument("--name", default=None, help="model name in the protocol (default: the bundle's model name)")
-    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic")
-    p.add_argument("--memory-budget", default=None, help="memory budget for the runtime, e.g. 1.5GiB")
+    _add_runtime_options(p)
     p.add_argument("--workers", type=int, default=1, help="predictions run at once (default 1)")
     p.add_argument("--queue-size", type=int, default=8, help="requests that may wait; one more gets 429 (default 8)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (default 60)")
