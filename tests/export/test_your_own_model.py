@@ -1,5 +1,5 @@
 """Models from outside the zoo: any nn.Module, preprocessing from the model's own config,
-existing ONNX files; and models no one here wrote (timm, torchvision, Hugging Face, SMP)
+existing ONNX files; and models from other libraries (timm, torchvision, Hugging Face, SMP)
 through export/import -> quantize -> predict, with parity and INT8 agreement recorded."""
 from __future__ import annotations
 
@@ -367,7 +367,7 @@ def test_cli_export_module_and_import(tmp_path, monkeypatch):
     assert imported.preprocess.input_size == (32, 32)
 
 
-# --------------------------------------------------------------------------- models no one here wrote
+# --------------------------------------------------------------------------- models from other libraries
 
 
 def _timm(name: str, side: int):  # noqa: ANN202
