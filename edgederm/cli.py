@@ -16,8 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-from edgederm.runtime.errors import EdgeDermError
+from edgederm.runtime.errors import EdgeDermError, PythonVersionError
 from edgederm.training.options import add_train_arguments
+
+# The release side (PyTorch, ONNX) needs Python 3.10+; every other command is device-side and
+# runs on Python 3.8, the Python of JetPack 5.
+RELEASE_SIDE_COMMANDS = frozenset({
+    "quickstart", "data", "train", "export", "quantize", "bench-precision", "bench", "lint", "models",
+})
+RELEASE_SIDE_PYTHON = (3, 10)
 
 
 def _print_json(data: Any) -> None:
@@ -29,6 +36,18 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
+
+
+def require_release_python(command: str, version: Sequence[int] = tuple(sys.version_info)) -> None:
+    """Refuse a release-side command on a Python older than it needs, before it imports torch."""
+    if command in RELEASE_SIDE_COMMANDS and tuple(version[:2]) < RELEASE_SIDE_PYTHON:
+        need = ".".join(map(str, RELEASE_SIDE_PYTHON))
+        raise PythonVersionError(
+            f"`edgederm {command}` needs Python {need} or newer (training, export and quantization use PyTorch "
+            f"and ONNX); this is Python {version[0]}.{version[1]}. Fix: run it on a machine with Python {need}+ "
+            "(`pip install 'edgederm[export]'`) and copy the bundle here; on this Python the device commands "
+            "work: predict, plan, doctor, build, selftest, serve"
+        )
 
 
 # -- sub-commands ------------------------------------------------------------------------
@@ -600,8 +619,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-side", type=int, default=16384, help="largest image side in px (default 16384)")
     p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="largest image area in px (default 64e6)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
-    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+    # Two flags rather than argparse.BooleanOptionalAction (3.9+): serve runs on the device's Python 3.8.
+    p.add_argument("--access-log", dest="access_log", action="store_true", default=True,
                    help="one JSON line per request on stderr (default on)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no access log")
     _add_trust_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -718,6 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
         logging.captureWarnings(True)  # numpy RuntimeWarnings and the like follow the logging policy above
         try:
+            require_release_python(args.command)
             status = int(args.func(args) or 0)
         except EdgeDermError as exc:
             status = 2
