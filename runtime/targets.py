@@ -55,6 +55,12 @@ class TargetProfile:
     onnxruntime: str  # pip specifier of the ONNX Runtime releases that run there
     max_opset: int  # highest default-domain opset the TensorRT parser takes
     parser_table: str  # onnx-tensorrt operator table (TensorRT major.minor) the parser follows
+    # The device memory plan's terms that no bundle measures (runtime/memory.py): memory the OS
+    # keeps (headless), the CUDA context with TensorRT's libraries, and TensorRT's scratch bound.
+    # Figures from the sources named, not measured here.
+    os_reserved_bytes: Optional[int] = None
+    cuda_context_bytes: Optional[int] = None
+    tensorrt_workspace_bytes: Optional[int] = None
     sources: Dict[str, Reference] = field(default_factory=dict)
 
     @property
@@ -92,6 +98,7 @@ def _profile_path(name: str) -> Path:
 def _parse(data: Dict[str, Any], path: Path) -> TargetProfile:
     try:
         device, software, onnx = data["device"], data["software"], data["onnx"]
+        memory_plan = data.get("memory_plan") or {}
         references = {key: Reference(str(ref["title"]), str(ref["url"])) for key, ref in data["references"].items()}
         sources = {fact: references[ref_id] for fact, ref_id in data["sources"].items()}
         return TargetProfile(
@@ -104,6 +111,8 @@ def _parse(data: Dict[str, Any], path: Path) -> TargetProfile:
             tensorrt=str(software["tensorrt"]), cuda=str(software["cuda"]), python=str(software["python"]),
             onnxruntime=str(software["onnxruntime"]),
             max_opset=int(onnx["max_opset"]), parser_table=str(onnx["parser_table"]),
+            os_reserved_bytes=memory_plan.get("os_reserved_bytes"), cuda_context_bytes=memory_plan.get("cuda_context_bytes"),
+            tensorrt_workspace_bytes=memory_plan.get("tensorrt_workspace_bytes"),
             sources=sources,
         )
     except (KeyError, TypeError, ValueError) as exc:
