@@ -83,3 +83,23 @@ def test_docs_list_every_profile_fact_and_source():
     for profile in all_targets():
         assert f"## {profile.name}" in text
         assert all(ref.url in text for ref in profile.sources.values())
+
+
+@pytest.mark.parametrize("release, expected", [
+    ("r35.4.1-orin-nano-4gb", "jetson-orin-nano-4gb-jp5"),
+    ("r36.3.0-orin-nx-8gb", "jetson-orin-nx-jp60"),
+    ("r36.4.3-agx-orin-32gb", "jetson-agx-orin-jp6"),
+    ("r36.4.0-orin-nano-8gb", None),  # Orin Nano 8GB and Orin NX 8GB share R36.4 and 8 GiB: not told apart
+    ("r32.7.1-jetson-nano", None),  # JetPack 4: no profile
+])
+def test_detect_target_from_recorded_device_files(release, expected):
+    from edgederm.runtime.targets import detect_target
+
+    found = detect_target(Path(__file__).resolve().parent / "data" / "jetson" / release)
+    assert (found.name if found else None) == expected
+
+
+def test_no_target_off_a_jetson(tmp_path):
+    from edgederm.runtime.targets import detect_target
+
+    assert detect_target(tmp_path) is None
