@@ -38,7 +38,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def require_release_python(command: str, version: Sequence[int] = tuple(sys.version_info)) -> None:
+def require_release_python(command: str, version: Sequence[int] = sys.version_info[:2]) -> None:
     """Refuse a release-side command on a Python older than it needs, before it imports torch."""
     if command in RELEASE_SIDE_COMMANDS and tuple(version[:2]) < RELEASE_SIDE_PYTHON:
         need = ".".join(map(str, RELEASE_SIDE_PYTHON))

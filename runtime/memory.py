@@ -271,7 +271,8 @@ def plan(bundle: Manifest, budget: int | None, height: int, width: int, *,
     from .tiling import make_grid
 
     what = f"a {height}x{width} image"
-    profile, parts = bundle.memory, ()
+    profile: MemoryProfile | None = bundle.memory
+    parts: tuple[tuple[str, int], ...] = ()
     if target is not None:
         profile, parts = device_profile(bundle, target, precision)
         what += f" on {target.name} at {precision}"
@@ -281,7 +282,7 @@ def plan(bundle: Manifest, budget: int | None, height: int, width: int, *,
         elif usable is not None and budget > usable:
             raise MemoryBudgetError(
                 f"memory budget {format_size(budget)} ({budget} bytes) is more than {target.name} leaves to an app "
-                f"({format_size(usable)}: {format_size(target.memory_bytes)} less the OS's "
+                f"({format_size(usable)}: {format_size(target.memory_bytes or 0)} less the OS's "
                 f"{format_size(target.os_reserved_bytes or 0)}). Fix: give memory_budget of at most {format_size(usable)}"
             )
     elif budget is not None:
