@@ -18,9 +18,14 @@ Flow (decisions):
    what was reached. fp16 gets the same end-to-end check (no fallback: the report
    says whether the target was met); int8_dynamic first quantizes every MatMul and,
    below the target, keeps the attention products (two activations) in float.
-4. Fidelity against fp32 on the held-out cases (calibration/fidelity.py), printed and
-   stored in the manifest under ``calibration[precision]``.
-5. Atomic update: candidate graphs live in a hidden staging folder inside the bundle;
+4. ``gate`` (calibration/gate.py): clinical metrics of the graphs, as the device runs
+   them, against fp32 on the labelled ``eval_dir``; below the gate the same per-node
+   fallback runs on the gate's slack (and the agreement target's, when one is set).
+5. Fidelity against fp32 on the held-out cases (calibration/fidelity.py), printed and
+   stored in the manifest under ``calibration[precision]``. On a labelled split the
+   temperature and review thresholds are refitted for the new graphs
+   (calibration/clinical.py) and stored under ``clinical.precisions[precision]``.
+6. Atomic update: candidate graphs live in a hidden staging folder inside the bundle;
    the final graphs get names of their own (content hash) so a graph the current
    manifest references is never overwritten, then the manifest is replaced in one
    rename, then files no longer referenced are deleted. An interrupted quantize
@@ -45,7 +50,9 @@ from edgederm.runtime.imageio import read_image
 from edgederm.runtime.staging import make_staging
 
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
+from .clinical import refit_clinical
 from .fidelity import classification_fidelity, segmentation_fidelity
+from .gate import GateTerm, check_defined, clinical_metrics, format_table, gate_table, parse_gate
 from .graphs import (BACKENDS, FORMATS, INT8_TYPES, METHODS, QUANTIZED_OPS, QuantizeError, QuantSettings, prepare_graph,
                      quantize_dynamic_graph, quantize_graph, save_model)
 from .sensitivity import fallback as run_fallback
@@ -75,6 +82,8 @@ class _Evaluator:
         self.threads = threads
         self.task = manifest.model.task
         self._images: dict[Path, np.ndarray] = {}
+        self.logits: list[np.ndarray] = []  # classifiers: the logits of the latest predict's cases
+        self._fp32_logits: list[np.ndarray] = []  # fp32 logits of the labelled evaluation cases
 
     def _image(self, path: Path) -> np.ndarray:
         if path not in self._images:
@@ -88,11 +97,32 @@ class _Evaluator:
         model = DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
                               threads=self.threads, cache=False, graph_overrides=graphs)
         results = []
+        self.logits = []
         for case in cases:
             request = self.inputs.request(case, self._image(case.image), self._image)
             results.append(model.predict(dermoscopy=request.dermoscopy, clinical=request.clinical,
                                          metadata=request.metadata))
+            if "logits" in model.last_run:
+                self.logits.append(model.last_run["logits"])
         return results
+
+    def refitted(self, cases: list[Case], graphs: dict[str, str]) -> tuple[list[Any], dict[str, float], dict[str, Any]]:
+        """Results of ``graphs`` on labelled ``cases`` with their own refitted temperature and
+        thresholds (calibration/clinical.py); the settings and the refit report."""
+        from edgederm.runtime.model import classification_result
+
+        names = list(self.manifest.model.class_names)
+        labels = np.array([c.label for c in cases], np.int64)
+        if not self._fp32_logits:
+            self.predict(cases, None)
+            self._fp32_logits.extend(self.logits)
+        self.predict(cases, graphs)
+        own, report = refit_clinical(np.stack(self._fp32_logits), np.stack(self.logits), labels, names,
+                                     self.manifest.clinical)
+        clinical = self.manifest.clinical.with_settings(own)
+        results = [classification_result(z, names, clinical, self._image(c.image), "onnxruntime", self.precision)
+                   for z, c in zip(self.logits, cases)]
+        return results, own, report
 
     def decisions(self, results: list[Any]) -> list[np.ndarray]:
         if self.task == "segment":
@@ -144,17 +174,22 @@ def quantize_bundle(
     seed: int = 0, say: Callable[[str], None] = print, target_agreement: float | None = 0.99,
     format: str = "qdq", activation_type: str = "uint8", weight_type: str = "int8", backend: str = "onnxruntime",
     sensitivity_seconds: float = 60.0, max_units: int = 256, batch_size: int = 8, threads: int = 2,
+    gate: str | None = None,
 ) -> dict[str, Any]:
     """Add a ``precision`` graph per stage to ``bundle``; store and return the calibration report.
 
     ``target_agreement``: decision agreement with fp32 (calibration cases, end to end)
     the int8 graphs must reach; nodes return to float until they do. None: no fallback.
+    ``gate``: clinical metric changes against fp32 on the labelled ``eval_dir`` the graphs
+    must keep (calibration/gate.py), e.g. ``"sensitivity[melanoma]>=-0.01,ece<=+0.01"``;
+    the report's ``gate.reached`` says whether they do.
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)} "
                          "(fp32 is what export writes)")
     if target_agreement is not None and not 0.0 < target_agreement <= 1.0:
         raise InputError(f"target_agreement must be in (0, 1]; got {target_agreement} (e.g. 0.99)")
+    terms = parse_gate(gate) if gate else None
     settings = QuantSettings(method=method, per_channel=per_channel, format=format, activation_type=activation_type,
                              weight_type=weight_type, backend=backend) if precision == "int8" else None
     start = time.monotonic()
@@ -162,6 +197,9 @@ def quantize_bundle(
     root = manifest.root
     calib = select_calibration(Path(calib_dir), max_images=max_images, seed=seed)
     eval_cases, held_out = _held_out(Path(calib_dir), calib.cases, Path(eval_dir) if eval_dir is not None else None, seed)
+    if terms and (eval_dir is None or manifest.model.task == "segment" or any(c.label is None for c in eval_cases)):
+        raise InputError("--gate needs a classifier and a labelled --eval folder (labels.csv + images/); got "
+                         f"task {manifest.model.task!r}, --eval {eval_dir}")
     stages = manifest.stages
     say(f"{precision}: calibrating {len(stages)} stage(s) of {manifest.model.name} ({manifest.model.task}) "
         f"on {len(calib)} images from {calib_dir}" + (f" ({method}, per-channel={per_channel}, {format}, "
@@ -170,7 +208,7 @@ def quantize_bundle(
     try:
         report = _quantize(manifest, calib, eval_cases, held_out, precision, settings, staging, say=say,
                            target=target_agreement, seed=seed, sensitivity_seconds=sensitivity_seconds,
-                           max_units=max_units, batch_size=batch_size, threads=threads)
+                           max_units=max_units, batch_size=batch_size, threads=threads, gate=terms)
         report["seconds"] = round(time.monotonic() - start, 1)
         _commit(manifest, precision, report, staging, say)
     finally:
@@ -181,7 +219,8 @@ def quantize_bundle(
 
 def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: bool, precision: str,
               settings: QuantSettings | None, staging: Path, *, say: Callable[[str], None], target: float | None,
-              seed: int, sensitivity_seconds: float, max_units: int, batch_size: int, threads: int) -> dict[str, Any]:
+              seed: int, sensitivity_seconds: float, max_units: int, batch_size: int, threads: int,
+              gate: list[GateTerm] | None = None) -> dict[str, Any]:
     import onnx
 
     root = manifest.root
@@ -191,6 +230,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     inputs = StageInputs(manifest, say=say)
     evaluator = _Evaluator(manifest, precision, inputs, threads)
     staged: dict[str, str] = {}  # stage -> file relative to the bundle
+    gate_report: dict[str, Any] | None = None
     stage_info: dict[str, Any] = {}
     fallback_report: dict[str, Any] | None = None
     reference: list[Any] = []  # fp32 decisions on the calibration cases, computed on first use
@@ -217,19 +257,27 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             qdq[name] = onnx.load(str(path))
             staged[name] = f"{rel}/{path.name}"
             stage_info[name] = {"calibration_inputs": units}
-        if target is not None:
-            base = agreement_of(staged)
-            say(f"  end-to-end decision agreement with fp32 on the calibration images: {base:.4f}")
-            if base < target:
-                say(f"  below the target {target:.4f}: measuring per-node sensitivity "
-                    f"(budget {sensitivity_seconds:.0f} s per stage)")
-                scores: dict[str, float | None] = {}
-                floats = {n: onnx.load(str(p)) for n, p in prepared.items()}
+        all_int8 = dict(staged)
+        scores: dict[str, float | None] = {}
+        floats: dict[str, Any] = {}
+
+        def ranking() -> list[str]:
+            """Quantized nodes of every stage, most damaging first (measured once)."""
+            if not scores:
+                say(f"  measuring per-node sensitivity (budget {sensitivity_seconds:.0f} s per stage)")
+                floats.update({n: onnx.load(str(p)) for n, p in prepared.items()})
                 for stage in stages:
                     name = stage.name
                     stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:4], sensitivity_seconds, say)
                     scores.update({f"{name}/{node}": v for node, v in stage_scores.items()})
-                ranked = rank(scores)
+            return rank(scores)
+
+        if target is not None:
+            base = agreement_of(staged)
+            say(f"  end-to-end decision agreement with fp32 on the calibration images: {base:.4f}")
+            if base < target:
+                say(f"  below the target {target:.4f}")
+                ranked = ranking()
 
                 def evaluate(k: int) -> float:  # k = 0: the all-INT8 agreement measured above
                     if k == 0:
@@ -245,6 +293,10 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             else:
                 fallback_report = {"target_agreement": target, "reached": True, "agreement": base,
                                    "agreement_all_int8": base, "nodes_to_exclude": []}
+        if gate:
+            gate_report = _apply_gate(gate, evaluator, eval_cases, staged, all_int8, ranking, qdq, floats, staging,
+                                      rel, target, agreement_of, say)
+            staged = gate_report.pop("_staged")
     elif precision == "fp16":
         from .fp16 import convert_to_fp16
 
@@ -287,6 +339,10 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         if reached < target:
             say(f"  WARNING: {precision} agreement {reached:.4f} is below the target {target:.4f}")
 
+    if gate and precision != "int8":
+        gate_report = _apply_gate(gate, evaluator, eval_cases, staged, staged, None, {}, {}, staging, rel, None,
+                                  agreement_of, say)
+        staged = gate_report.pop("_staged")
     say(f"  fidelity on {len(eval_cases)} {'held-out' if held_out else 'calibration (no held-out images)'} images")
     fp32_results = evaluator.predict(eval_cases, None)
     quant_results = evaluator.predict(eval_cases, staged)
@@ -300,6 +356,12 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         fid = classification_fidelity(p32, pq, np.array(labels) if all(x is not None for x in labels) else None,
                                       list(manifest.model.class_names))
     fid["held_out"] = held_out
+    clinical_own, clinical_report = None, None
+    if manifest.model.task != "segment" and eval_cases and all(c.label is not None for c in eval_cases):
+        _, clinical_own, clinical_report = evaluator.refitted(eval_cases, staged)
+        say(f"  {precision} refitted on {len(eval_cases)} labelled images: temperature "
+            f"{clinical_report['temperature_fp32']:.3f} -> {clinical_report['temperature']:.3f}, ECE "
+            f"{clinical_report['ece_before']:.4f} -> {clinical_report['ece_after']:.4f} (fp32 {clinical_report['ece_fp32']:.4f})")
     latency = _latency(fp32_results, quant_results, precision, threads)
 
     entry: dict[str, Any] = {"precision": precision}
@@ -314,9 +376,53 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     entry.update({
         "images": len(calib), "dataset_sha256": calib.sha256, "stages": stage_info,
         "target": fallback_report, "fidelity": fid, "latency": latency, "notes": list(inputs.notes),
-        "_staged": staged,
+        "gate": gate_report, "clinical_refit": clinical_report, "_staged": staged, "_clinical": clinical_own,
     })
     return entry
+
+
+def _apply_gate(gate: list[GateTerm], evaluator: _Evaluator, eval_cases: list[Case], staged: dict[str, str],
+                all_int8: dict[str, str], ranking: Callable[[], list[str]] | None, qdq: dict[str, Any], floats: dict[str, Any], staging: Path,
+                rel: str, target: float | None, agreement_of: Callable[[dict[str, str]], float],
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Check ``gate`` on ``staged``; below it (int8: ``ranking`` given) find the fewest ranked nodes
+    of the ``all_int8`` graphs to return to float that meet it and the agreement target.
+    The report and the graphs to keep (``_staged``)."""
+    manifest = evaluator.manifest
+    names = list(manifest.model.class_names)
+    labels = [int(c.label) for c in eval_cases]  # type: ignore[arg-type]
+    malignant = [c for c in manifest.clinical.settings.get("malignant_classes") or [] if c in names]
+    reference = clinical_metrics(evaluator.predict(eval_cases, None), labels, names, malignant)
+    check_defined(gate, reference, labels, names)
+
+    def measure(graphs: dict[str, str]) -> tuple[float, list[dict[str, Any]]]:
+        results, _, _ = evaluator.refitted(eval_cases, graphs)
+        slack, rows = gate_table(gate, reference, clinical_metrics(results, labels, names, malignant))
+        if target is not None:  # the agreement target still holds alongside the gate
+            slack = min(slack, agreement_of(graphs) - target)
+        return slack, rows
+
+    base_slack, base_rows = measure(staged)
+    say(f"  gate {','.join(map(str, gate))} on {len(eval_cases)} labelled images, as deployed (own temperature):")
+    for line in format_table(base_rows):
+        say(line)
+    report: dict[str, Any] = {"gate": [str(t) for t in gate], "images": len(eval_cases), "table_before": base_rows,
+                              "nodes_kept_float": [], "reached": base_slack >= 0, "table": base_rows}
+    if base_slack >= 0 or ranking is None:
+        return {**report, "_staged": staged}
+    ranked = ranking()
+    say(f"  gate not met: returning the most sensitive of {len(ranked)} nodes to float")
+
+    def slack_at(k: int) -> float:
+        return measure(_with_float_nodes(k, ranked, qdq, floats, staging, rel, all_int8))[0]
+
+    result = run_fallback(len(ranked), slack_at, 0.0, say, measure="gate slack")
+    chosen = ranked[:len(result.excluded)]
+    final = _with_float_nodes(len(chosen), ranked, qdq, floats, staging, rel, all_int8)
+    slack, rows = measure(final)
+    report.update(nodes_kept_float=chosen, reached=slack >= 0, table=rows,
+                  steps=[{"float_nodes": k, "slack": v} for k, v in result.evaluations])
+    return {**report, "_staged": final}
 
 
 def _with_float_nodes(k: int, ranked: list[str], qdq: dict[str, Any], floats: dict[str, Any], staging: Path,
@@ -341,7 +447,14 @@ def _with_float_nodes(k: int, ranked: list[str], qdq: dict[str, Any], floats: di
 def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging: Path, say: Callable[[str], None]) -> None:
     root = manifest.root
     staged: dict[str, str] = report.pop("_staged")
+    own = report.pop("_clinical", None)
     data: dict[str, Any] = copy.deepcopy(dict(manifest.data))
+    if own is not None:
+        clinical: dict[str, Any] = data["clinical"] if isinstance(data.get("clinical"), dict) else {}
+        clinical.setdefault("precisions", {})[precision] = own
+        data["clinical"] = clinical
+    elif isinstance(data.get("clinical"), dict):  # settings fitted for the graphs being replaced
+        (data["clinical"].get("precisions") or {}).pop(precision, None)
     previous: list[str] = []
     for stage in data["stages"]:
         source = root / staged[stage["name"]]
@@ -419,6 +532,12 @@ def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     if latency:
         say(f"  CPU inference per image    fp32 {latency['fp32_ms']:.1f} ms, {report['precision']} {latency['ms']:.1f} ms "
             f"({latency['speedup']}x; ONNX Runtime, {latency['threads']} threads, median of {latency['images']})")
+    gate = report.get("gate")
+    if gate:
+        say(f"  gate {'reached' if gate['reached'] else 'NOT reached'} with {len(gate['nodes_kept_float'])} node(s) "
+            f"kept in float{': ' + ', '.join(gate['nodes_kept_float']) if gate['nodes_kept_float'] else ''}")
+        for line in format_table(gate["table"]):
+            say(line)
     target = report.get("target")
     if target:
         state = "reached" if target["reached"] else "NOT reached"

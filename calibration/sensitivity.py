@@ -159,7 +159,7 @@ def _counts(total: int) -> list[int]:
 
 
 def fallback(count: int, evaluate: Callable[[int], float], target: float,
-             say: Callable[[str], None] = lambda m: None) -> FallbackResult:
+             say: Callable[[str], None] = lambda m: None, measure: str = "agreement") -> FallbackResult:
     """Smallest k (of ``count`` ranked nodes) with ``evaluate(k) >= target``; ``evaluate(k)`` =
     agreement with the first k ranked nodes returned to float. Says so when none reaches it."""
     cache: dict[int, float] = {}
@@ -167,7 +167,7 @@ def fallback(count: int, evaluate: Callable[[int], float], target: float,
     def at(k: int) -> float:
         if k not in cache:
             cache[k] = evaluate(k)
-            say(f"  fallback: {k} node(s) in float -> agreement {cache[k]:.4f} (target {target:.4f})")
+            say(f"  fallback: {k} node(s) in float -> {measure} {cache[k]:.4f} (target {target:.4f})")
         return cache[k]
 
     def result(k: int, reached: bool) -> FallbackResult:
@@ -188,5 +188,5 @@ def fallback(count: int, evaluate: Callable[[int], float], target: float,
             return result(hi, True)
         previous = k
     best = max(cache, key=lambda kk: (cache[kk], -kk))
-    say(f"  fallback: target agreement {target:.4f} NOT reached; best {cache[best]:.4f} with {best} node(s) in float")
+    say(f"  fallback: target {measure} {target:.4f} NOT reached; best {cache[best]:.4f} with {best} node(s) in float")
     return result(best, False)

@@ -94,14 +94,56 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_bundle(args.bundle, args.calib, precision=args.precision, method=args.method,
                              per_channel=not args.per_tensor, max_images=args.max_images, eval_dir=args.eval, seed=args.seed,
                              target_agreement=target, format=args.format, activation_type=args.activation_type,
-                             backend=args.backend, sensitivity_seconds=args.sensitivity_seconds,
+                             backend=args.backend, sensitivity_seconds=args.sensitivity_seconds, gate=args.gate,
                              say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(report)
     target_report = report.get("target") or {}
+    gate_report = report.get("gate") or {}
     if args.target and _lint_after(args.bundle, args.target, [args.precision]):
         return 1
-    return 0 if target_report.get("reached", True) else 3
+    return 0 if target_report.get("reached", True) and gate_report.get("reached", True) else 3
+
+
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from edgederm.evaluate import EvaluateOptions, evaluate, write_report
+
+    precisions = None if args.precision == "all" else _names(args.precision)
+    folder = args.report or Path(f"evaluation-{args.bundle.resolve().name}")
+    options = EvaluateOptions(precisions=precisions, by=_names(args.by), workers=args.workers,
+                              malignant=_names(args.malignant) if args.malignant else None, n_boot=args.bootstrap,
+                              seed=args.seed, layout=args.layout, backend=args.backend, progress=True, limit=args.limit,
+                              ray=args.ray)
+    evaluation = evaluate(args.bundle, args.data, folder, options)
+    page = write_report(evaluation, folder)
+    if args.json:
+        _print_json(evaluation)
+        return 0
+    comparison = evaluation["comparison"]
+    rows = []
+    for metric, per in comparison.get("metrics", {}).items():
+        if "[" in metric:
+            continue
+        row: dict[str, Any] = {"metric": metric}
+        for precision, entry in per.items():
+            value, change = entry["value"], entry["change"]
+            row[precision] = "n/a" if value is None else f"{value:.4f}"
+            if precision != comparison["reference"] and change is not None:
+                row[precision] += f" ({change:+.4f})"
+        rows.append(row)
+    print(_table(rows, ["metric", *evaluation["precisions"]]))
+    for precision, summary in evaluation["precisions"].items():
+        for field, sub in (summary.get("subgroups") or {}).items():
+            if sub["flagged"]:
+                gap = sub["gaps"][sub["largest_gap"]]
+                print(f"{precision}: {field}: {sub['largest_gap']} gap {gap['gap']:.3f} "
+                      f"({gap['best']} {gap['best_value']:.3f} vs {gap['worst']} {gap['worst_value']:.3f}) FLAGGED")
+    print(f"report: {page}")
+    return 0
 
 
 def _print_findings(findings: list[Any], target: str) -> None:
@@ -373,15 +415,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
-    from edgederm.runtime import selftest
+    from edgederm.runtime.goldens import add_goldens, selftest_bundle
 
     if args.action == "add":
-        goldens = selftest.add_goldens(args.bundle, key_provider=args.key_file)
-        print(f"stored goldens for {', '.join(sorted(goldens))} in {args.bundle}; sign the bundle again")
+        stored = add_goldens(args.bundle, key_provider=args.key_file)
+        print(f"stored goldens for {', '.join(sorted(stored))} in {args.bundle}; sign the bundle again")
         return 0
     precisions = [args.precision] if args.precision else None
-    rows = selftest.selftest_bundle(args.bundle, precisions=precisions, backend=args.backend,
-                                    trusted_keys=args.trusted_key or None, key_provider=args.key_file)
+    rows = selftest_bundle(args.bundle, precisions=precisions, backend=args.backend,
+                           trusted_keys=args.trusted_key or None, key_provider=args.key_file)
     if args.json:
         _print_json(rows)
     else:
@@ -499,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fp16 or int8_dynamic (CPU only) graphs to BUNDLE. Nodes return to float until the end-to-end "
                                    "decision agreement with fp32 reaches --target-agreement. Fidelity against fp32 on --eval "
                                    "(or the unused calibration images) is printed and stored in the manifest. "
-                                   "Exit status 3 when the target was not reached.")
+                                   "Exit status 3 when the target or the --gate was not reached.")
     p.add_argument("bundle", type=Path)
     p.add_argument("--calib", required=True, type=Path, help="folder of calibration images (or labels.csv + images/)")
     p.add_argument("--precision", default="int8", choices=["int8", "fp16", "int8_dynamic"],
@@ -517,10 +559,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity-seconds", type=float, default=60.0, help="time budget of the per-node sensitivity, per stage")
     p.add_argument("--max-images", type=int, default=64, help="calibration images to sample (seeded, stratified)")
     _target_option(p, "lint the new graphs for this device profile afterwards (exit status 1 on findings).")
-    p.add_argument("--eval", type=Path, default=None, help="held-out folder for the fidelity report")
+    p.add_argument("--eval", type=Path, default=None,
+                   help="held-out folder for the fidelity report; labelled (labels.csv + images/): the temperature "
+                        "and review thresholds are refitted for the new graphs on it, and --gate is measured on it")
+    p.add_argument("--gate", default=None,
+                   help="clinical metric changes against fp32 the graphs must keep on --eval, as deployed, e.g. "
+                        "\"sensitivity[melanoma]>=-0.01,auroc>=-0.005,ece<=+0.01\"; below it nodes return to float; "
+                        "exit status 3 with the table when it cannot be met")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("evaluate", help="clinical metrics of a bundle on labelled data, per precision and subgroup, "
+                                        "with an HTML report",
+                       description="Run BUNDLE through the runtime (the code a device runs, tiling included) on DATA (any "
+                                   "layout the dataset readers know) and report per-class sensitivity, specificity, PPV, "
+                                   "NPV, F1, AUROC with bootstrap 95%% intervals, ECE and a reliability diagram, Brier, "
+                                   "referral figures, Dice/IoU/HD95 for segmenters, subgroups (--by) with the largest gap "
+                                   "flagged, and every precision side by side. Finished cases are kept in "
+                                   "REPORT/cases/: an interrupted run resumes where it stopped.")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("data", type=Path, help="labelled dataset folder or CSV (edgederm, ham10000, isic, pad_ufes_20, ...)")
+    p.add_argument("--precision", default="all", help="all (default) or a comma list: fp32,int8,...")
+    p.add_argument("--by", default="", help="subgroup fields, comma separated: metadata fields (site,sex,age) "
+                                            "and/or skin_tone (Fitzpatrick from the metadata, else ITA from the image)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="folder for report.html, evaluation.json, the plots and the resumable cases "
+                        "(default: evaluation-<bundle name>)")
+    p.add_argument("--workers", type=int, default=1, help="processes predicting in parallel (default 1)")
+    p.add_argument("--malignant", default=None,
+                   help="malignant class names, comma separated (default: the bundle's, e.g. melanoma)")
+    p.add_argument("--layout", default="auto", help="dataset layout (default: detected)")
+    p.add_argument("--backend", default="auto", help="runtime backend (default auto)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="predict on a Ray cluster with Ray Data (auto, ray://host:10001, or local); --workers actors. "
+                        "Image paths must be readable on every node. pip install 'edgederm[ray]'")
+    p.add_argument("--json", action="store_true", help="print every number as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench-precision", help="CPU benchmark: window encoder fp32 vs INT8 forms (QDQ/QOperator, U8S8/S8S8, dynamic) vs PyTorch",
                        description="RemixFormer++'s window encoder (ViT-S/16, 256 px windows) exported and quantized in every "

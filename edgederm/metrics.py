@@ -53,6 +53,28 @@ def binary_auc(scores: np.ndarray, positives: np.ndarray) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
+def class_rates(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """One-vs-rest rates per class from a confusion matrix (rows true, columns predicted).
+
+    ``sensitivity`` (recall), ``specificity``, ``ppv`` (precision), ``npv`` and ``f1``,
+    each NaN where its denominator is 0 (no positive, no negative, never predicted, ...).
+    F1 is 2 TP / (2 TP + FP + FN), equal to the harmonic mean of PPV and sensitivity
+    where both exist and 0 when a present class is never predicted correctly.
+    """
+    cm = np.asarray(cm, np.float64)
+    total = cm.sum()
+    tp = np.diag(cm)
+    fn = cm.sum(1) - tp
+    fp = cm.sum(0) - tp
+    tn = total - tp - fn - fp
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.divide(num, den, out=np.full(len(tp), np.nan), where=den > 0)
+
+    return {"sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp), "ppv": ratio(tp, tp + fp),
+            "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro F1, per-class recall and one-vs-rest AUC."""
     probs = np.asarray(probs, np.float64)
@@ -60,14 +82,10 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: S
     k = len(class_names)
     pred = probs.argmax(1)
     cm = confusion_matrix(labels, pred, k)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    tp = np.diag(cm).astype(np.float64)
-    present = support > 0
-    recall = np.divide(tp, support, out=np.full(k, np.nan), where=present)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall0 = np.nan_to_num(recall)
-    f1 = np.divide(2 * precision * recall0, precision + recall0, out=np.zeros(k), where=(precision + recall0) > 0)
+    present = cm.sum(1) > 0
+    rates = class_rates(cm)
+    recall = rates["sensitivity"]
+    f1 = np.nan_to_num(rates["f1"])
     aucs = [binary_auc(probs[:, c], labels == c) for c in range(k)]
     defined = [a for a in aucs if a is not None]
     return {

@@ -184,7 +184,7 @@ def bundle_id(root: str | os.PathLike[str]) -> str:
 def _engine_key(model: DeployedModel) -> list[str] | None:
     if model.backend_name != "tensorrt":
         return None
-    return sorted(str(e.get("sha256")) for e in model.manifest.data.get("engines") or []
+    return sorted(str(e.get("sha256")) for e in model.manifest.engines
                   if e.get("precision") == model.precision)
 
 

@@ -198,11 +198,56 @@ class Clinical:
     review_threshold: float = 0.0
     settings: Mapping[str, Any] = field(default_factory=dict)
 
+    def for_precision(self, precision: str) -> Clinical:
+        """The settings a ``precision`` graph runs with: ``settings["precisions"][precision]``
+        (temperature and review thresholds refitted for that graph by ``edgederm quantize``)
+        over the fp32 ones."""
+        own = (self.settings.get("precisions") or {}).get(precision)
+        return self.with_settings(own) if own else self
+
+    def with_settings(self, own: Mapping[str, Any]) -> Clinical:
+        """These settings with ``own`` (temperature, review thresholds) over them."""
+        settings = {**self.settings, **own}
+        return Clinical(float(settings.get("temperature", 1.0)), float(settings.get("review_threshold") or 0.0), settings)
+
 
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
     bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Goldens:
+    """One stage's golden self-test (runtime/selftest.py): the ``.npz`` of its inputs and
+    reference outputs, and the largest difference allowed per precision."""
+
+    file: str
+    tolerance: Mapping[str, float]
+    reference: str = "fp32"
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    seed: int
+    stages: Mapping[str, Goldens]
+
+
+@dataclass(frozen=True)
+class EncryptedGraph:
+    """How one graph file was encrypted (runtime/crypto.py)."""
+
+    nonce: str  # base64
+    plaintext_sha256: str
+    plaintext_file: str
+
+
+@dataclass(frozen=True)
+class Encryption:
+    algorithm: str
+    key_id: str
+    source_manifest_sha256: str  # the plain bundle's manifest, bound into each ciphertext
+    files: Mapping[str, EncryptedGraph]  # encrypted file name -> record
 
 
 @dataclass(frozen=True)
@@ -220,6 +265,8 @@ class Manifest:
     files: Mapping[str, FileEntry]
     calibration: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     engines: tuple[Mapping[str, Any], ...] = ()
+    selftest: SelfTest | None = None
+    encryption: Encryption | None = None
     format_version: int = FORMAT_VERSION
     verified: Mapping[str, str] = field(default_factory=dict)  # file -> sha256 of the bytes checked
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -406,12 +453,81 @@ def _clinical(raw: Any) -> Clinical:
     for key in ("review_threshold", "malignant_threshold", "review_class_min_probability"):
         if raw.get(key) is not None:
             _number(f"clinical.{key}", raw[key], 0.0, 1.0, "a probability in [0, 1]")
+    per_precision = raw.get("precisions")
+    if per_precision is not None:
+        if not isinstance(per_precision, dict):
+            raise _fail("clinical.precisions", per_precision, "a JSON object: precision -> refitted settings")
+        for precision, own in per_precision.items():
+            where = f"clinical.precisions.{precision}"
+            _str(where, precision, PRECISIONS)
+            if not isinstance(own, dict) or not set(own) <= {"temperature", "review_threshold", "malignant_threshold"}:
+                raise _fail(where, own, "a JSON object with temperature, review_threshold, malignant_threshold")
+            if own.get("temperature") is not None:
+                _number(f"{where}.temperature", own["temperature"], 0.0, math.inf, "a finite number > 0", open_low=True)
+            for key in ("review_threshold", "malignant_threshold"):
+                if own.get(key) is not None:
+                    _number(f"{where}.{key}", own[key], 0.0, 1.0, "a probability in [0, 1]")
     for key in ("review_classes", "malignant_classes"):
         value = raw.get(key)
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
             raise _fail(f"clinical.{key}", value, "a list of class names")
     threshold = float(raw.get("review_threshold") or 0.0)
     return Clinical(temperature, threshold, dict(raw))
+
+
+def _sha(where: str, value: Any) -> str:
+    if not isinstance(value, str) or len(value) != 64:
+        raise _fail(where, value, "a 64-hex-digit sha256")
+    return value
+
+
+def _selftest(raw: Any, files: Mapping[str, FileEntry], stages: Sequence[Stage]) -> SelfTest | None:
+    if raw is None:
+        return None
+    fix = "run `edgederm selftest add BUNDLE` again"
+    if not isinstance(raw, dict) or not isinstance(raw.get("stages"), dict):
+        raise ManifestError("selftest", raw, "a JSON object {seed, stages: {stage: {file, tolerance}}} or null", fix)
+    goldens = {}
+    for name, entry in raw["stages"].items():
+        where = f"selftest.stages[{name!r}]"
+        if name not in {s.name for s in stages}:
+            raise ManifestError(where, name, f"one of the bundle's stages {[s.name for s in stages]}", fix)
+        if not isinstance(entry, dict) or not isinstance(entry.get("tolerance"), dict):
+            raise ManifestError(where, entry, "a JSON object {file, tolerance: {precision: number}}", fix)
+        file = _str(f"{where}.file", entry.get("file"))
+        if file not in files:
+            raise BundleIntegrityError(f"goldens {file!r} of stage {name!r} are not in the manifest's file table "
+                                       "(unverified); run `edgederm selftest add` again")
+        tolerance = {_str(f"{where}.tolerance", p, PRECISIONS): _number(f"{where}.tolerance.{p}", t, 0.0, math.inf,
+                                                                         "a finite number >= 0")
+                     for p, t in entry["tolerance"].items()}
+        goldens[name] = Goldens(file, tolerance, _str(f"{where}.reference", entry.get("reference", "fp32"), PRECISIONS))
+    return SelfTest(_int("selftest.seed", raw.get("seed", 0), 0), goldens)
+
+
+def _encryption(raw: Any, files: Mapping[str, FileEntry], stages: Sequence[Stage]) -> Encryption | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not isinstance(raw.get("files"), dict):
+        raise _fail("encryption", raw, "a JSON object {algorithm, key_id, source_manifest_sha256, files} or null",
+                    "encrypt the plain bundle again (edgederm encrypt)")
+    records = {}
+    for name, record in raw["files"].items():
+        where = f"encryption.files[{name!r}]"
+        if name not in files:
+            raise BundleIntegrityError(f"encrypted graph {name!r} is not in the manifest's file table")
+        if not isinstance(record, dict):
+            raise _fail(where, record, "a JSON object {nonce, plaintext_sha256, plaintext_file}")
+        records[name] = EncryptedGraph(_str(f"{where}.nonce", record.get("nonce")),
+                                       _sha(f"{where}.plaintext_sha256", record.get("plaintext_sha256")),
+                                       _str(f"{where}.plaintext_file", record.get("plaintext_file")))
+    for stage in stages:
+        for graph in stage.graphs.values():
+            if graph.file not in records:
+                raise BundleIntegrityError(f"bundle is encrypted but graph {graph.file!r} has no encryption record; "
+                                           "re-encrypt the plain bundle")
+    return Encryption(_str("encryption.algorithm", raw.get("algorithm")), _str("encryption.key_id", raw.get("key_id")),
+                      _sha("encryption.source_manifest_sha256", raw.get("source_manifest_sha256")), records)
 
 
 def _model(raw: dict[str, Any]) -> ModelInfo:
@@ -490,7 +606,8 @@ def parse_manifest(data: Any, root: Path) -> Manifest:
     return Manifest(root=root, model=model, preprocess=preprocess, stages=tuple(stages), tiling=tiling,
                     memory=memory, clinical=_clinical(data.get("clinical")), files=files,
                     calibration={k: v for k, v in calibration.items() if isinstance(v, dict)},
-                    engines=tuple(engines), format_version=version, data=data)
+                    engines=tuple(engines), selftest=_selftest(data.get("selftest"), files, stages),
+                    encryption=_encryption(data.get("encryption"), files, stages), format_version=version, data=data)
 
 
 def _load_json(path: Path) -> Any:

@@ -17,13 +17,14 @@ variable). TensorRT engines are not encrypted by this module.
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import os
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Union
 
-from .bundle import MANIFEST, Manifest, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic
+from .bundle import MANIFEST, Manifest, Stage, read_manifest, sha256_file, write_bytes_atomic, write_manifest
 from .errors import BundleError, DecryptionError, InputError
 from .optional import optional_import
 
@@ -104,61 +105,61 @@ def encrypt_bundle(bundle: str | os.PathLike[str], key_provider: KeyProvider) ->
     """
     root = Path(bundle)
     manifest = read_manifest(root, verify=True)
-    data = manifest.data
-    if data.get("encryption"):
-        raise InputError(f"bundle {root} is already encrypted (key {data['encryption'].get('key_id')})")
+    if manifest.encryption is not None:
+        raise InputError(f"bundle {root} is already encrypted (key {manifest.encryption.key_id})")
+    data: dict[str, Any] = copy.deepcopy(dict(manifest.data))
     key = resolve_key(key_provider)
     cipher = _aesgcm(key)
     source = sha256_file(root / MANIFEST)
     records: dict[str, dict[str, Any]] = {}
     plain_files: list[str] = []
-    for stage in manifest.stages:
-        for precision, graph in stage["graphs"].items():
-            name = graph["file"]
+    for stage, raw_stage in zip(manifest.stages, data["stages"]):
+        for precision, graph in stage.graphs.items():
+            name = graph.file
             encrypted_name = name + SUFFIX
             nonce = secrets.token_bytes(12)
             plaintext = manifest.graph_path(stage, precision).read_bytes()
             write_bytes_atomic(root / encrypted_name, cipher.encrypt(nonce, plaintext, _aad(encrypted_name, source)))
             digest = sha256_file(root / encrypted_name)
             records[encrypted_name] = {"nonce": base64.b64encode(nonce).decode("ascii"),
-                                       "plaintext_sha256": graph["sha256"], "plaintext_file": name}
+                                       "plaintext_sha256": graph.sha256, "plaintext_file": name}
             data["files"].pop(name, None)
             data["files"][encrypted_name] = {"sha256": digest, "bytes": (root / encrypted_name).stat().st_size}
-            graph.update(file=encrypted_name, sha256=digest)
+            raw_stage["graphs"][precision].update(file=encrypted_name, sha256=digest)
             plain_files.append(name)
     data["encryption"] = {"algorithm": ALGORITHM, "key_id": graph_key_id(key), "source_manifest_sha256": source,
                           "files": records}
-    write_json_atomic(root / MANIFEST, data)
+    write_manifest(root, data)
     for name in plain_files:
         (root / name).unlink(missing_ok=True)
     (root / "model.sig").unlink(missing_ok=True)
     return sorted(records)
 
 
-def decrypted_graph(manifest: Manifest, stage: dict[str, Any], precision: str, key_provider: KeyProvider) -> bytes | None:
-    """The plaintext graph bytes of an encrypted stage graph; None for a plain one (nothing imported)."""
-    section = manifest.data.get("encryption")
-    if not section:
+def decrypted_graph(manifest: Manifest, stage: Stage, precision: str, key_provider: KeyProvider) -> bytes | None:
+    """The plaintext graph bytes of an encrypted stage graph; None for a plain one (nothing imported).
+
+    The parser (runtime/bundle.py) has checked that every graph of an encrypted bundle has its record."""
+    section = manifest.encryption
+    if section is None:
         return None
-    name = stage["graphs"][precision]["file"]
-    record = (section.get("files") or {}).get(name)
-    if record is None:
-        raise BundleError(f"bundle {manifest.root} is encrypted but graph {name!r} has no encryption record; "
-                          "re-encrypt the plain bundle")
-    if section.get("algorithm") != ALGORITHM:
-        raise BundleError(f"graph {name!r} is encrypted with {section.get('algorithm')!r}; this runtime reads {ALGORITHM}")
+    path = manifest.graph_path(stage, precision)  # a precision the stage lacks: a BundleError naming the fix
+    name = stage.graphs[precision].file
+    record = section.files[name]
+    if section.algorithm != ALGORITHM:
+        raise BundleError(f"graph {name!r} is encrypted with {section.algorithm!r}; this runtime reads {ALGORITHM}")
     key = resolve_key(key_provider)
-    if graph_key_id(key) != section.get("key_id"):
+    if graph_key_id(key) != section.key_id:
         raise DecryptionError(f"wrong key for bundle {manifest.root}: its graphs are encrypted with key "
-                              f"{section.get('key_id')}, the key provider gave key {graph_key_id(key)}")
+                              f"{section.key_id}, the key provider gave key {graph_key_id(key)}")
     exceptions = optional_import("cryptography.exceptions", "encrypted graphs")
-    ciphertext = manifest.graph_path(stage, precision).read_bytes()
+    ciphertext = path.read_bytes()
     try:
-        plaintext: bytes = _aesgcm(key).decrypt(base64.b64decode(record["nonce"]), ciphertext,
-                                                _aad(name, str(section["source_manifest_sha256"])))
+        plaintext: bytes = _aesgcm(key).decrypt(base64.b64decode(record.nonce), ciphertext,
+                                                _aad(name, section.source_manifest_sha256))
     except exceptions.InvalidTag as exc:
         raise DecryptionError(f"graph {name!r} of bundle {manifest.root} does not decrypt with key {graph_key_id(key)}: "
                               "the ciphertext, its name or the manifest's encryption record was changed") from exc
-    if hashlib.sha256(plaintext).hexdigest() != record["plaintext_sha256"]:
+    if hashlib.sha256(plaintext).hexdigest() != record.plaintext_sha256:
         raise DecryptionError(f"graph {name!r} decrypted to bytes whose sha256 differs from the manifest's record")
     return plaintext

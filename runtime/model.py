@@ -10,7 +10,7 @@ temperature stored in the bundle and decides ``needs_review`` from the bundle's
 clinical settings (runtime/safety.py). There is no model-specific code here.
 
 * Memory: ``memory_budget`` is planned by ``runtime.memory.plan`` from the profile
-  export measured (``manifest["memory"]``) into a tile/window batch size, at load
+  export measured (``memory`` in manifest.json) into a tile/window batch size, at load
   for a reference image (``plan_image_size``, default 2048 px a side) and again per
   image size (cached); a budget that cannot be met raises MemoryBudgetError naming
   the minimum.
@@ -85,6 +85,9 @@ class DeployedModel:
         start = time.perf_counter()
         choice, engine_backends = self._choose(backend, precision, graph_overrides)
         self.backend_name, self.precision = choice.backend, choice.precision
+        # Temperature and review thresholds of the graph that runs (refitted per precision by quantize);
+        # candidate graphs (overrides) have none of their own yet and are judged at the fp32 values.
+        self.clinical = manifest.clinical if graph_overrides else manifest.clinical.for_precision(self.precision)
         self.notes: list[str] = list(choice.notes)
         for note in choice.notes:
             log.warning(note)
@@ -238,7 +241,8 @@ class DeployedModel:
             else:
                 clinical_image = self._check_image(clinical, "clinical")
         run = self.pipeline.run(Request(image, clinical_image, metadata), timings, progress)
-        self.last_run = run.info
+        # The latest run's figures (benchmarks) and, for classifiers, its logits (quantize refits on them).
+        self.last_run = {**run.info, "logits": run.logits} if run.logits is not None else run.info
         if self.task == "segment":
             assert run.mask is not None
             result = Result(label=None, probabilities={"lesion_fraction": float(np.count_nonzero(run.mask)) / run.mask.size},
@@ -246,7 +250,7 @@ class DeployedModel:
                             precision=self.precision, mask=run.mask, heatmap=run.heatmap)
         else:
             assert run.logits is not None
-            result = classification_result(run.logits, self.class_names, self.manifest.clinical, image,
+            result = classification_result(run.logits, self.class_names, self.clinical, image,
                                            self.backend_name, self.precision)
         result.notes = notes
         timings["total"] = (time.perf_counter() - start) * 1000

@@ -25,6 +25,7 @@ INSTALL_HINTS = {
     "matplotlib": "pip install matplotlib",
     "cryptography": "pip install 'edgederm[trust]'  (signature checks and encrypted graphs on the device)",
     "model_signing": "pip install 'edgederm[sign]'  (signing bundles in the release pipeline)",
+    "ray": "pip install 'edgederm[ray]'  (evaluate --ray: evaluation on a Ray cluster)",
 }
 
 

@@ -204,7 +204,7 @@ class BundleStore:
             return load(bundle, precision=precision, cache=False, key_provider=self.key_provider)
 
         try:
-            if manifest.data.get("selftest"):
+            if manifest.selftest is not None:
                 for precision in manifest.precisions():
                     run_selftest(open_model(precision))
                 return "golden self-test"

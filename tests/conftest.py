@@ -75,12 +75,45 @@ def write_mini_bundle():
     return _write_mini_bundle
 
 
-def _write_mini_bundle(root):
-    import numpy as np
+@pytest.fixture(scope="session")
+def write_onnx_bundle():
+    """``write(root, graphs, classes, size, clinical, task="classify", tiling=None) -> root``: a one-stage
+    bundle from ONNX models (``{precision: onnx.ModelProto}``) taking ``dermoscopy`` [batch, 3, size, size]
+    and giving ``logits`` ([batch, classes], or [batch, classes, size, size] for a segmenter)."""
+    pytest.importorskip("onnx")
+    return _write_onnx_bundle
+
+
+def _write_onnx_bundle(root, graphs, classes, size, clinical, task="classify", tiling=None):
     import onnx
-    from onnx import TensorProto, helper
 
     from edgederm.runtime.bundle import FORMAT, FORMAT_VERSION, sha256_file, write_json_atomic
+
+    root.mkdir(parents=True)
+    files = {}
+    for precision, model in graphs.items():
+        onnx.save(model, str(root / f"classifier.{precision}.onnx"))
+        files[f"classifier.{precision}.onnx"] = sha256_file(root / f"classifier.{precision}.onnx")
+    write_json_atomic(root / "manifest.json", {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "sdk_version": "0.1.0",
+        "model": {"name": "mini", "architecture": "Mini", "task": task, "modalities": ["dermoscopy"],
+                  "class_names": list(classes), "input_size": [size, size], "metadata_schema": None},
+        "preprocess": {"input_size": [size, size]},
+        "stages": [{"name": "classifier",
+                    "inputs": [{"name": "dermoscopy", "shape": ["batch", 3, size, size], "dtype": "float32", "source": "dermoscopy"}],
+                    "outputs": [{"name": "logits", "dtype": "float32",
+                                 "shape": ["batch", len(classes)] + ([size, size] if task == "segment" else [])}],
+                    "graphs": {p: {"file": f"classifier.{p}.onnx", "sha256": files[f"classifier.{p}.onnx"]} for p in graphs}}],
+        "tiling": tiling, "calibration": None,
+        "clinical": clinical,
+        "files": {name: {"sha256": digest, "bytes": (root / name).stat().st_size} for name, digest in files.items()},
+    })
+    return root
+
+
+def _write_mini_bundle(root):
+    import numpy as np
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
     conv = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
@@ -96,21 +129,5 @@ def _write_mini_bundle(root):
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], init)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    root.mkdir(parents=True)
-    onnx.save(model, str(root / "classifier.fp32.onnx"))
-    digest = sha256_file(root / "classifier.fp32.onnx")
-    classes = ["nevus", "melanoma", "vascular"]
-    write_json_atomic(root / "manifest.json", {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "sdk_version": "0.1.0",
-        "model": {"name": "mini", "architecture": "Mini", "task": "classify", "modalities": ["dermoscopy"],
-                  "class_names": classes, "input_size": [32, 32], "metadata_schema": None},
-        "preprocess": {"input_size": [32, 32]},
-        "stages": [{"name": "classifier",
-                    "inputs": [{"name": "dermoscopy", "shape": ["batch", 3, 32, 32], "dtype": "float32", "source": "dermoscopy"}],
-                    "outputs": [{"name": "logits", "shape": ["batch", 3], "dtype": "float32"}],
-                    "graphs": {"fp32": {"file": "classifier.fp32.onnx", "sha256": digest}}}],
-        "tiling": None, "calibration": None,
-        "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": []},
-        "files": {"classifier.fp32.onnx": {"sha256": digest, "bytes": (root / "classifier.fp32.onnx").stat().st_size}},
-    })
-    return root
+    return _write_onnx_bundle(root, {"fp32": model}, ["nevus", "melanoma", "vascular"], 32,
+                              {"temperature": 1.0, "review_threshold": 0.5, "review_classes": []})

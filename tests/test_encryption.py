@@ -13,9 +13,9 @@ pytest.importorskip("cryptography")
 
 from edgederm.cli import main as cli_main  # noqa: E402
 from edgederm.runtime import load  # noqa: E402
-from edgederm.runtime.bundle import sha256_file  # noqa: E402
+from edgederm.runtime.bundle import read_manifest, sha256_file, write_manifest  # noqa: E402
 from edgederm.runtime.crypto import encrypt_bundle, graph_key_id, new_key_file, resolve_key  # noqa: E402
-from edgederm.runtime.errors import DecryptionError  # noqa: E402
+from edgederm.runtime.errors import BundleIntegrityError, DecryptionError, InputError  # noqa: E402
 
 IMAGES = [np.random.default_rng(s).integers(0, 256, size=(40 + s, 52, 3), dtype=np.uint8) for s in range(4)]
 
@@ -116,6 +116,24 @@ def test_key_providers_and_wrong_keys(plain_and_encrypted, tmp_path, monkeypatch
         load(encrypted)
     with pytest.raises(DecryptionError, match="gave 16 bytes; expected a 32-byte"):
         load(encrypted, key_provider=lambda: bytes(16))
+
+
+def test_encryption_section_is_typed_and_checked_by_the_reader(plain_and_encrypted):
+    _, encrypted, key = plain_and_encrypted
+    section = read_manifest(encrypted).encryption
+    assert section is not None and section.key_id == graph_key_id(resolve_key(key))
+    assert section.files["classifier.fp32.onnx.enc"].plaintext_file == "classifier.fp32.onnx"
+    with pytest.raises(InputError, match="already encrypted"):
+        encrypt_bundle(encrypted, key)
+    before = (encrypted / "manifest.json").read_bytes()
+    data = json.loads(before)
+    del data["encryption"]["files"]["classifier.fp32.onnx.enc"]
+    with pytest.raises(BundleIntegrityError, match="'classifier.fp32.onnx.enc' has no encryption record"):
+        write_manifest(encrypted, data)  # the one writer checks before it replaces anything
+    assert (encrypted / "manifest.json").read_bytes() == before
+    (encrypted / "manifest.json").write_text(json.dumps(data))  # written by something else
+    with pytest.raises(BundleIntegrityError, match="has no encryption record"):
+        load(encrypted, key_provider=key)
 
 
 def test_changed_ciphertext_fails_authentication(plain_and_encrypted):

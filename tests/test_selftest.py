@@ -10,8 +10,9 @@ import pytest
 from edgederm.cli import main as cli_main
 from edgederm.runtime import load
 from edgederm.runtime.bundle import sha256_file
-from edgederm.runtime.errors import SelfTestError
-from edgederm.runtime.selftest import TOLERANCE_FLOOR, add_goldens, run_selftest, selftest_bundle, synthetic_lesion
+from edgederm.runtime.errors import BundleIntegrityError, SelfTestError
+from edgederm.runtime.goldens import add_goldens, selftest_bundle
+from edgederm.runtime.selftest import TOLERANCE_FLOOR, run_selftest, synthetic_lesion
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,17 @@ def test_perturbed_weight_is_refused_naming_the_stage(quantized_mini, tmp_path):
 def test_bundle_without_goldens_says_how_to_add_them(mini_bundle):
     with pytest.raises(SelfTestError, match=r"no golden self-test; add one with `edgederm selftest add"):
         load(mini_bundle, cache=False, selftest=True)
+
+
+def test_goldens_outside_the_file_table_are_refused_when_read(quantized_mini, tmp_path):
+    bundle = tmp_path / "unlisted"
+    shutil.copytree(quantized_mini, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["selftest/classifier.npz"]  # goldens no hash covers
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleIntegrityError, match=r"goldens 'selftest/classifier.npz' of stage 'classifier' are not "
+                                                   r"in the manifest's file table"):
+        load(bundle, cache=False, selftest=True)
 
 
 def test_cli_selftest_add_and_run(mini_bundle, capsys):

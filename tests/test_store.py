@@ -13,7 +13,7 @@ import pytest
 
 from edgederm.cli import main as cli_main
 from edgederm.runtime.errors import SelfTestError, StoreError, UnsignedBundleError
-from edgederm.runtime.selftest import add_goldens
+from edgederm.runtime.goldens import add_goldens
 from edgederm.runtime.store import BundleStore, load_active
 
 IMAGE = np.random.default_rng(11).integers(0, 256, size=(64, 48, 3), dtype=np.uint8)

@@ -98,7 +98,7 @@ def load_labelled_images(records: Dataset | Sequence[Record], config: Preprocess
         if no_mask:
             raise InputError(f"masks=True but {len(no_mask)} records have no mask (e.g. {no_mask[:3]}); "
                              "use a layout with masks (isic_segmentation, ph2, csv with a mask column, edgederm masks/)")
-    report = _stderr_progress("reading images") if progress is True else (progress or None)
+    report = stderr_progress("reading images") if progress is True else (progress or None)
     height, width = config.input_size
     nbytes = len(items) * 3 * height * width * 4
     if nbytes > 2 << 30:
@@ -140,7 +140,7 @@ def _read_mask(record: Record, image_hw: tuple[int, int], config: PreprocessConf
     return (resized[:, :, 0] > 127).astype(np.int64)
 
 
-def _stderr_progress(what: str) -> Callable[[int, int], None]:
+def stderr_progress(what: str) -> Callable[[int, int], None]:
     tty = sys.stderr.isatty()
 
     def report(done: int, total: int) -> None:

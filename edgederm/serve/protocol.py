@@ -44,6 +44,7 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from edgederm.runtime.bundle import Stage, TensorSpec
 from edgederm.runtime.errors import EdgeDermError, InputError, MemoryBudgetError
 from edgederm.runtime.imageio import SUPPORTED_FORMATS, decode_image, read_header
 
@@ -263,10 +264,10 @@ def model_config(name: str, task: str, modalities: Sequence[str], class_names: S
 NUMPY_DATATYPES = {np.dtype(v).name: k for k, v in DTYPES.items() if k != "BYTES"}
 
 
-def _stage_datatype(stage: Mapping[str, Any], tensor: Mapping[str, Any]) -> str:
-    datatype = NUMPY_DATATYPES.get(str(tensor["dtype"]))
+def _stage_datatype(stage: Stage, tensor: TensorSpec) -> str:
+    datatype = NUMPY_DATATYPES.get(tensor.dtype)
     if datatype is None:
-        raise EdgeDermError(f"stage {stage['name']!r} tensor {tensor['name']!r} has dtype {tensor['dtype']!r}, "
+        raise EdgeDermError(f"stage {stage.name!r} tensor {tensor.name!r} has dtype {tensor.dtype!r}, "
                             "which the KServe v2 protocol cannot carry")
     return datatype
 
@@ -275,28 +276,28 @@ def _dims(shape: Sequence[Any]) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
-def stage_metadata(name: str, stage: Mapping[str, Any]) -> dict[str, Any]:
+def stage_metadata(name: str, stage: Stage) -> dict[str, Any]:
     """KServe metadata of one stage graph, served as model ``<NAME>_<stage>``."""
-    def spec(tensor: Mapping[str, Any]) -> dict[str, Any]:
-        return {"name": tensor["name"], "datatype": _stage_datatype(stage, tensor), "shape": _dims(tensor["shape"])}
+    def spec(tensor: TensorSpec) -> dict[str, Any]:
+        return {"name": tensor.name, "datatype": _stage_datatype(stage, tensor), "shape": _dims(tensor.shape)}
 
     return {"name": name, "versions": [MODEL_VERSION], "platform": "onnxruntime_onnx",
-            "inputs": [spec(t) for t in stage["inputs"]], "outputs": [spec(t) for t in stage["outputs"]]}
+            "inputs": [spec(t) for t in stage.inputs], "outputs": [spec(t) for t in stage.outputs]}
 
 
-def stage_config(name: str, stage: Mapping[str, Any], instances: int = 1, kind: str = "KIND_CPU",
+def stage_config(name: str, stage: Stage, instances: int = 1, kind: str = "KIND_CPU",
                  platform: str = "onnxruntime", max_batch: int = 16) -> dict[str, Any]:
     """Triton model configuration of one stage graph; a dynamic first axis becomes dynamic batching."""
-    tensors = list(stage["inputs"]) + list(stage["outputs"])
-    batched = all(t["shape"] and isinstance(t["shape"][0], str) for t in tensors)
+    tensors = stage.inputs + stage.outputs
+    batched = all(isinstance(t.shape[0], str) for t in tensors)
 
-    def entry(tensor: Mapping[str, Any]) -> dict[str, Any]:
-        return {"name": tensor["name"], "data_type": CONFIG_DTYPES[_stage_datatype(stage, tensor)],
-                "dims": _dims(tensor["shape"][1:] if batched else tensor["shape"])}
+    def entry(tensor: TensorSpec) -> dict[str, Any]:
+        return {"name": tensor.name, "data_type": CONFIG_DTYPES[_stage_datatype(stage, tensor)],
+                "dims": _dims(tensor.shape[1:] if batched else tensor.shape)}
 
     config: dict[str, Any] = {
         "name": name, "max_batch_size": max_batch if batched else 0,
-        "input": [entry(t) for t in stage["inputs"]], "output": [entry(t) for t in stage["outputs"]],
+        "input": [entry(t) for t in stage.inputs], "output": [entry(t) for t in stage.outputs],
         "instance_group": [{"count": instances, "kind": kind}],
     }
     config["platform" if platform == "tensorrt_plan" else "backend"] = platform
@@ -305,29 +306,29 @@ def stage_config(name: str, stage: Mapping[str, Any], instances: int = 1, kind: 
     return config
 
 
-def stage_feed(stage: Mapping[str, Any], tensors: Sequence[Tensor]) -> dict[str, np.ndarray]:
+def stage_feed(stage: Stage, tensors: Sequence[Tensor]) -> dict[str, np.ndarray]:
     """A stage graph's feed from request tensors: names and datatypes checked here, shapes by the backend."""
-    expected = {t["name"]: _stage_datatype(stage, t) for t in stage["inputs"]}
+    expected = {t.name: _stage_datatype(stage, t) for t in stage.inputs}
     feed: dict[str, np.ndarray] = {}
     for tensor in tensors:
         if tensor.name not in expected:
-            raise ProtocolError(f"unexpected input {tensor.name!r}; stage {stage['name']!r} takes {sorted(expected)}")
+            raise ProtocolError(f"unexpected input {tensor.name!r}; stage {stage.name!r} takes {sorted(expected)}")
         if tensor.datatype != expected[tensor.name]:
             raise ProtocolError(f"input {tensor.name!r} has datatype {tensor.datatype}; expected "
                                 f"{expected[tensor.name]}")
         feed[tensor.name] = tensor.data
     missing = sorted(set(expected) - set(feed))
     if missing:
-        raise ProtocolError(f"missing input(s) {missing} of stage {stage['name']!r}")
+        raise ProtocolError(f"missing input(s) {missing} of stage {stage.name!r}")
     return feed
 
 
-def stage_tensors(stage: Mapping[str, Any], produced: Mapping[str, np.ndarray],
+def stage_tensors(stage: Stage, produced: Mapping[str, np.ndarray],
                   outputs: Sequence[str] | None) -> list[Tensor]:
-    datatypes = {t["name"]: _stage_datatype(stage, t) for t in stage["outputs"]}
+    datatypes = {t.name: _stage_datatype(stage, t) for t in stage.outputs}
     for name in outputs or ():
         if name not in datatypes:
-            raise ProtocolError(f"unknown output {name!r}; stage {stage['name']!r} returns {sorted(datatypes)}")
+            raise ProtocolError(f"unknown output {name!r}; stage {stage.name!r} returns {sorted(datatypes)}")
     return [Tensor(n, datatypes[n], list(produced[n].shape), produced[n]) for n in (outputs or list(datatypes))]
 
 

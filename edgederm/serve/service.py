@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from edgederm.runtime.backends.remote import safe_model_name
+from edgederm.runtime.bundle import Stage
 from edgederm.runtime.errors import InputError
 
 from . import protocol
@@ -130,12 +131,12 @@ class InferenceService:
                  token: str | None = None) -> None:
         self.model = model
         self.limits = limits or Limits()
-        self.name = safe_model_name(name or str(model.manifest.model.get("name") or "model"))
+        self.name = safe_model_name(name or model.manifest.model.name or "model")
         self.task: str = model.task
         self.modalities: list[str] = list(model.modalities)
         self.class_names: list[str] = list(model.class_names)
         # Each stage graph is also a model, "<name>_<stage>", for remote backends that tile locally.
-        self.stages: dict[str, dict[str, Any]] = {f"{self.name}_{s['name']}": s for s in model.manifest.stages}
+        self.stages: dict[str, Stage] = {f"{self.name}_{s.name}": s for s in model.manifest.stages}
         self._token = token.encode("utf-8") if token else None
         self.queue = RequestQueue(self.limits.workers, self.limits.queue_size)
         self.metrics = Metrics(lambda: self.queue.depth, lambda: self.queue.running)
@@ -153,7 +154,7 @@ class InferenceService:
             raise ProtocolError("missing or wrong bearer token: send the header 'Authorization: Bearer <token>'",
                                 401, "UNAUTHENTICATED")
 
-    def check_model(self, name: str, version: str = "") -> dict[str, Any] | None:
+    def check_model(self, name: str, version: str = "") -> Stage | None:
         """None for the pipeline model, the manifest's stage for a stage model; 404 otherwise."""
         if name != self.name and name not in self.stages:
             raise protocol.not_found(f"unknown model {name!r}; this server has {self.name!r} and its stages "
@@ -198,7 +199,7 @@ class InferenceService:
             request = protocol.parse_request(tensors, parameters, outputs, self.modalities, self.task, self.limits)
             return Job(name, self.queue.submit(lambda: self._predict(request, enqueued)))
         feed = protocol.stage_feed(stage, tensors)
-        backend = self.model.stages[stage["name"]]
+        backend = self.model.stages[stage.name]
 
         def run_stage() -> list[Tensor]:
             self.metrics.queue_wait.observe(time.perf_counter() - enqueued)

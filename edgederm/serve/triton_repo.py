@@ -24,9 +24,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
-from edgederm.runtime.bundle import Manifest, read_manifest
+from edgederm.runtime.bundle import MANIFEST, Manifest, read_manifest
 from edgederm.runtime.backends.remote import safe_model_name
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.staging import commit, make_staging
@@ -45,7 +45,7 @@ def config_text(config: dict[str, Any]) -> str:
     return text_format.MessageToString(json_format.ParseDict(config, model_config_pb2.ModelConfig()))
 
 
-def _engine_max_batch(entry: dict[str, Any]) -> int:
+def _engine_max_batch(entry: Mapping[str, Any]) -> int:
     profiles = entry.get("profiles") or {}
     batches = [int(p["max"][0]) for p in profiles.values() if isinstance(p, dict) and p.get("max")]
     return min(batches) if batches else DEFAULT_MAX_BATCH
@@ -61,7 +61,7 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
     if precision not in manifest.precisions():
         raise InputError(f"bundle {manifest.root} has no {precision!r} graphs; it has {manifest.precisions()}")
     model_info = manifest.model
-    pipeline = safe_model_name(name or str(model_info.get("name") or "model"))
+    pipeline = safe_model_name(name or model_info.name or "model")
     repo = Path(out)
     repo.mkdir(parents=True, exist_ok=True)
     written: list[dict[str, Any]] = []
@@ -87,12 +87,12 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
             shutil.copyfile(source, folder / name)
         return copy
 
-    stages = {s["name"]: s for s in manifest.stages}
+    stages = {s.name: s for s in manifest.stages}
     for stage in manifest.stages:
-        model_name = f"{pipeline}_{stage['name']}"
+        model_name = f"{pipeline}_{stage.name}"
         write_model(model_name, protocol.stage_config(model_name, stage, instances, kind, "onnxruntime"),
                     copier(manifest.graph_path(stage, precision), "model.onnx"), "onnxruntime")
-    for entry in manifest.data.get("engines") or []:
+    for entry in manifest.engines:
         if entry.get("stage") not in stages:
             continue
         model_name = f"{pipeline}_{entry['stage']}_tensorrt_{entry['precision']}"
@@ -105,8 +105,8 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
         _copy_bundle(manifest, folder / "bundle")
 
     limits = protocol.Limits()
-    config = protocol.model_config(pipeline, model_info["task"], model_info.get("modalities", ["dermoscopy"]),
-                                   model_info["class_names"], limits, backend="python")
+    config = protocol.model_config(pipeline, model_info.task, model_info.modalities, model_info.class_names, limits,
+                                   backend="python")
     config["parameters"]["precision"] = {"string_value": precision}
     config["instance_group"] = [{"count": instances, "kind": "KIND_CPU"}]
     write_model(pipeline, config, pipeline_files, "python")
@@ -114,12 +114,9 @@ def export_triton(bundle: str | os.PathLike[str], out: str | os.PathLike[str], n
 
 
 def _copy_bundle(manifest: Manifest, dest: Path) -> None:
-    """manifest.json and every file it names; nothing else in the folder travels."""
+    """manifest.json and every file it names (the file table holds every graph); nothing else travels."""
     dest.mkdir()
-    names = ["manifest.json"] + sorted({str(f) for f in (manifest.data.get("files") or {})})
-    for stage in manifest.stages:
-        names += [g["file"] for g in stage.get("graphs", {}).values()]
-    names += [e["file"] for e in manifest.data.get("engines") or []]
+    names = [MANIFEST] + sorted(manifest.files) + [str(e["file"]) for e in manifest.engines]
     for relative in dict.fromkeys(names):
         source = manifest.root / relative
         if source.is_file():

@@ -35,21 +35,36 @@ def reference_stats(data: LabelledImages, idx: np.ndarray, preprocess: Preproces
             for i in idx]
 
 
+def fit_operating_point(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], malignant: Sequence[str],
+                        target_sensitivity: float) -> tuple[float, np.ndarray, dict[str, Any] | None]:
+    """(temperature, calibrated probabilities, malignant operating point) fitted on labelled logits.
+
+    Training fits them on the validation split; quantize refits them for each
+    reduced-precision graph on the labelled evaluation split (calibration/clinical.py).
+    """
+    from edgederm.runtime.probabilities import softmax
+    from edgederm.runtime.safety import malignant_probability, malignant_threshold
+
+    temperature = fit_temperature(logits, labels)
+    probs = softmax(logits, temperature)
+    malignant_idx = [list(class_names).index(c) for c in malignant]
+    operating = malignant_threshold(malignant_probability(probs, class_names, malignant),
+                                    np.isin(labels, malignant_idx), target_sensitivity) if malignant else None
+    return temperature, probs, operating
+
+
 def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, class_names: Sequence[str], config: TrainConfig,
               train_labels: np.ndarray, image_reference: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(clinical section, calibration report) from validation logits."""
     from edgederm.runtime.probabilities import softmax
-    from edgederm.runtime.safety import default_malignant_classes, malignant_probability, malignant_threshold
+    from edgederm.runtime.safety import default_malignant_classes
 
-    temperature = fit_temperature(val_logits, val_labels)
-    probs = softmax(val_logits, temperature)
     malignant = list(config.malignant_classes) if config.malignant_classes is not None else default_malignant_classes(class_names)
     unknown = [c for c in malignant if c not in class_names]
     if unknown:
         raise InputError(f"malignant classes {unknown} are not class names of this dataset ({list(class_names)})")
-    malignant_idx = [list(class_names).index(c) for c in malignant]
-    operating = malignant_threshold(malignant_probability(probs, class_names, malignant),
-                                    np.isin(val_labels, malignant_idx), config.target_sensitivity) if malignant else None
+    temperature, probs, operating = fit_operating_point(val_logits, val_labels, class_names, malignant,
+                                                        config.target_sensitivity)
     prevalence = np.bincount(train_labels, minlength=len(class_names)) / max(1, len(train_labels))
     rare = [c for c, p in zip(class_names, prevalence) if p < config.rare_class_fraction]
     clinical: dict[str, Any] = {

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..bundle import Stage
 from ..errors import InputError, RemoteBackendError
 from .base import Backend, TensorInfo
 
@@ -56,14 +57,14 @@ def parse_url(url: str) -> tuple[str, int]:
 class RemoteBackend(Backend):
     name = "remote"
 
-    def __init__(self, url: str, model: str, stage: dict[str, Any], timeout: float = 30.0, retries: int = 3,
+    def __init__(self, url: str, model: str, stage: Stage, timeout: float = 30.0, retries: int = 3,
                  backoff: float = 0.2) -> None:
         self.url = url
         self.host, self.port = parse_url(url)
         self.model = model
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._inputs = [TensorInfo(i["name"], tuple(i["shape"]), i["dtype"]) for i in stage["inputs"]]
-        self._outputs = [TensorInfo(o["name"], tuple(o["shape"]), o["dtype"]) for o in stage["outputs"]]
+        self._inputs = [TensorInfo(i.name, i.shape, i.dtype) for i in stage.inputs]
+        self._outputs = [TensorInfo(o.name, o.shape, o.dtype) for o in stage.outputs]
         token = os.environ.get(TOKEN_ENV)
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._connection: http.client.HTTPConnection | None = None

@@ -816,16 +816,13 @@ def _set(data: Any, dotted: str, value: Any) -> None:
     else:
         parts = dotted.split(".")
     for part in parts[:-1]:
-        if isinstance(data, list) and not part.isdigit():
-            return  # an earlier value replaced a mapping by a list: the path leads nowhere
-        key: Any = int(part) if isinstance(data, list) else part
+        key: Any = int(part) if isinstance(data, list) and part.isdigit() else part
         try:
             data = data[key]
         except (KeyError, IndexError, TypeError):
             return
-    if isinstance(data, list) and not parts[-1].isdigit():
-        return
-    last: Any = int(parts[-1]) if isinstance(data, list) else parts[-1]
+    # An earlier path may have made a list of what this path indexes by name: then it sets nothing.
+    last: Any = int(parts[-1]) if isinstance(data, list) and parts[-1].isdigit() else parts[-1]
     try:
         data[last] = value
     except (IndexError, TypeError):
