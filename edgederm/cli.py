@@ -22,7 +22,7 @@ from edgederm.training.options import add_train_arguments
 # The release side (PyTorch, ONNX) needs Python 3.10+; every other command is device-side and
 # runs on Python 3.8, the Python of JetPack 5.
 RELEASE_SIDE_COMMANDS = frozenset({
-    "quickstart", "data", "train", "export", "quantize", "bench-precision", "bench", "lint", "models",
+    "quickstart", "data", "train", "export", "quantize", "evaluate", "bench-precision", "bench", "lint", "models",
 })
 RELEASE_SIDE_PYTHON = (3, 10)
 

@@ -243,8 +243,6 @@ def device_profile(bundle: Manifest, target: TargetProfile, precision: str) -> t
     if measured is None:
         raise MemoryBudgetError(f"bundle {bundle.root} has no measured memory profile, so no device plan can be made. "
                                 "Fix: re-export it with this SDK (export measures the profile)")
-    if precision not in ACTIVATION_SCALE:
-        raise InputError(f"precision {precision!r} has no device plan; expected one of {sorted(ACTIVATION_SCALE)}")
     if target.cuda_context_bytes is None or target.tensorrt_workspace_bytes is None:
         raise MemoryBudgetError(f"target {target.name} states no CUDA context or TensorRT workspace figure; "
                                 "Fix: add them to its profile's memory_plan section")
@@ -252,7 +250,8 @@ def device_profile(bundle: Manifest, target: TargetProfile, precision: str) -> t
     runtime = max(measured.fixed_bytes - graph_bytes(bundle, profiled), 0)
     parts = (("runtime", runtime), ("weights", graph_bytes(bundle, precision)),
              ("cuda_context", target.cuda_context_bytes), ("tensorrt_workspace", target.tensorrt_workspace_bytes))
-    slope = int(math.ceil(measured.per_tile_bytes * ACTIVATION_SCALE[precision] / ACTIVATION_SCALE.get(profiled, 1.0)))
+    # A precision without a known width (int8_dynamic runs on CPUs) is planned at fp32 width.
+    slope = int(math.ceil(measured.per_tile_bytes * ACTIVATION_SCALE.get(precision, 1.0) / ACTIVATION_SCALE.get(profiled, 1.0)))
     return MemoryProfile(sum(b for _, b in parts), slope, measured.measured_on, measured.stage), parts
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from edgederm.cli import main
 from edgederm.runtime.bundle import read_manifest
-from edgederm.runtime.errors import InputError, MemoryBudgetError
+from edgederm.runtime.errors import BundleError, MemoryBudgetError
 from edgederm.runtime.memory import ACTIVATION_SCALE, MARGIN_FRACTION, graph_bytes, plan
 from edgederm.runtime.targets import load_target, target_names
 
@@ -63,7 +63,7 @@ def test_device_plan_refuses_budgets_it_cannot_honour(tiny_bundle):
     with pytest.raises(MemoryBudgetError, match=r"cannot be met for a 2048x2048 image on jetson-orin-nano-4gb-jp5 at "
                                                 r"fp32: one tile needs"):
         plan(manifest, 512 * 2**20, 2048, 2048, target=target, precision="fp32")
-    with pytest.raises(InputError, match=r"precision 'bf16' has no device plan"):
+    with pytest.raises(BundleError, match=r"stage 'classifier' has no bf16 graph"):
         plan(manifest, None, 2048, 2048, target=target, precision="bf16")
 
 
@@ -126,3 +126,24 @@ def test_cpu_part_predicts_the_measured_peak_of_every_tiny_model(tmp_path_factor
         record_property(f"figure:{name}_predicted_vs_peak_rss", f"{figures['predicted'] / 2**20:.0f} vs "
                         f"{figures['peak'] / 2**20:.0f} MiB ({error:+.1%})")
         assert abs(error) <= 0.15, (name, figures)
+
+
+def test_load_plans_for_a_named_target_with_the_same_planner(tiny_bundle):
+    from edgederm.runtime import load
+
+    model = load(tiny_bundle, target=NANO4, precision="int8", cache=False)
+    expected = plan(read_manifest(tiny_bundle), None, 2048, 2048, target=load_target(NANO4), precision="int8")
+    assert model.target.name == NANO4 and model.memory_plan == expected
+    assert model.plan_memory(1024, 768) == plan(model.manifest, None, 1024, 768, target=model.target, precision="int8")
+
+
+def test_load_on_the_cpu_does_not_look_for_a_device(tiny_bundle, monkeypatch):
+    import edgederm.runtime.model as model_module
+    from edgederm.runtime import load
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("a CPU backend must keep the CPU plan")
+
+    monkeypatch.setattr(model_module, "detect_target", no_detection)
+    model = load(tiny_bundle, backend="onnxruntime-cpu", cache=False)
+    assert model.target is None and model.plan_memory(512, 512) == plan(model.manifest, None, 512, 512)
