@@ -103,7 +103,9 @@ _PEAK = textwrap.dedent("""
     bundle, side = sys.argv[1], int(sys.argv[2])
     model = load(bundle, cache=False)
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
-    model.predict(dermoscopy=image)
+    # A small clinical photo and empty metadata where the model takes them (missing fields are a category).
+    extra = {"clinical": image[:256, :256].copy()} if "clinical" in model.modalities else {}
+    model.predict(dermoscopy=image, metadata={} if "metadata" in model.modalities else None, **extra)
     print(json.dumps({"peak": peak_rss_bytes(), "predicted": plan(model.manifest, None, side, side).predicted_peak_bytes}))
 """)
 
