@@ -48,3 +48,12 @@ def test_oldest_deps_check_installs_the_lower_bounds_of_the_base_install():
     assert set(pinned) == set(lower)
     for name, version in pinned.items():
         assert version.startswith(lower[name]), (name, version, lower[name])
+
+
+def test_serve_access_log_flags_without_boolean_optional_action():
+    from edgederm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "b"]).access_log is True
+    assert parser.parse_args(["serve", "b", "--no-access-log"]).access_log is False
+    assert parser.parse_args(["serve", "b", "--no-access-log", "--access-log"]).access_log is True
