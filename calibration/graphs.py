@@ -7,7 +7,7 @@ Decisions:
   (``backend="modelopt"``; imported lazily, never at module top).
 - Only Conv, MatMul and Gemm inputs are quantized (``QUANTIZED_OPS``), so LayerNorm,
   Softmax, GELU (Erf arithmetic at opset 18) and output Sigmoid/Softmax stay in float;
-  tests/test_calibration.py checks the graph: no DequantizeLinear feeds those ops.
+  tests/calibration/test_calibration.py checks the graph: no DequantizeLinear feeds those ops.
 - Weights int8, symmetric, per channel by default. Activations: uint8 asymmetric by
   default, the fast U8S8 kernels of x86 CPUs (ORT's S8S8 path is several times
   slower there); ``activation_type="int8"`` gives symmetric int8 activations with

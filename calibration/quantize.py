@@ -249,7 +249,10 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         for stage in stages:
             name = stage.name
             prepared[name] = prepare_graph(fp32[name], staging / f"{name}.prepared.onnx")
-            feeds[name] = batch_feeds(per_case[name], batch_size=batch_size, max_units=max_units, seed=seed)
+            # A graph with a fixed batch (an imported ONNX file whose rows mix) takes that batch only.
+            fixed = {spec.shape[0] for spec in stage.inputs if isinstance(spec.shape[0], int)}
+            feeds[name] = batch_feeds(per_case[name], batch_size=min(fixed) if fixed else batch_size,
+                                      max_units=max_units, seed=seed)
             units = sum(len(next(iter(f.values()))) for f in feeds[name])
             say(f"  quantizing {name} on {units} calibration inputs")
             path = staging / f"{name}.int8.onnx"

@@ -178,10 +178,9 @@ def _load_torch_model(checkpoint: str | None, factory: str | None = None) -> Any
     """The peer's torch model: a training checkpoint, or ``module:callable`` (models outside
     the registry, e.g. in tests), optionally with the checkpoint's weights loaded into it."""
     if factory:
-        import importlib
+        from edgederm.export.wrap import load_factory
 
-        module_name, _, attr = factory.partition(":")
-        model = getattr(importlib.import_module(module_name), attr)()
+        model = load_factory(factory)
         if checkpoint:
             from safetensors.torch import load_file
 

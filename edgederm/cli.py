@@ -81,10 +81,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edgederm.export import export_bundle
     from edgederm.export.bundle import model_from_checkpoint_or_name
 
-    model, preprocess, clinical = model_from_checkpoint_or_name(args.model)
-    export_bundle(model, args.out, preprocess=preprocess, clinical=clinical, opset=args.opset,
-                  verify=not args.no_verify, overwrite=args.overwrite, progress=print, target=args.target)
+    if args.module is not None or args.model is None:
+        from edgederm.export.own_model import export_module_cli
+
+        export_module_cli(args)
+    else:
+        model, preprocess, clinical = model_from_checkpoint_or_name(args.model)
+        export_bundle(model, args.out, preprocess=preprocess, clinical=clinical, opset=args.opset,
+                      verify=not args.no_verify, overwrite=args.overwrite, progress=print, target=args.target)
     return _lint_after(args.out, args.target, None) if args.target else 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from edgederm.export.own_model import import_cli
+
+    return import_cli(args)
+
+
+def _add_own_model_arguments(p: argparse.ArgumentParser, module: bool) -> None:
+    """Declarations a model from outside the zoo needs (export --module, import)."""
+    p.add_argument("--task", choices=["classify", "segment"], default=None if module else "classify",
+                   help="classify (default for import) or segment")
+    p.add_argument("--input-size", default=None, metavar="HxW", help="model input, e.g. 224 or 256x192")
+    p.add_argument("--classes", default=None, metavar="A,B,...", help="class names, comma-separated, in output order")
+    p.add_argument("--output", default=None, metavar="NAME" if not module else "KIND",
+                   help="auto | logits | probabilities" if module else "graph output to keep (default: the only one)")
+    if module:
+        p.add_argument("--output-key", default=None, help="key/attribute/index of a dict, tuple or ModelOutput result")
+    p.add_argument("--mean", default=None, metavar="R,G,B", help="normalisation mean on the 0..1 scale")
+    p.add_argument("--std", default=None, metavar="R,G,B", help="normalisation std on the 0..1 scale")
+    p.add_argument("--preprocess-from", default=None, metavar="SRC",
+                   help="timm:NAME | torchvision:WEIGHTS | hf:preprocessor_config.json (mean, std, size, crop)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -454,6 +481,16 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runtime_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    """How a command that loads a bundle runs it: backend, precision, memory budget."""
+    if backend:
+        p.add_argument("--backend", default="auto",
+                       help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt | triton://HOST:PORT")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
+    p.add_argument("--memory-budget", default=None,
+                   help="plan the tile batch for this budget, e.g. 1.5GiB (binary units: M = MiB; MB = 10^6 bytes)")
+
+
 def _add_trusted_key(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--trusted-key", action="append", type=Path, default=[], required=required, metavar="PUB",
                    help="refuse the bundle unless signed by this public key (repeatable)")
@@ -525,7 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="checkpoint or model name -> ONNX bundle, parity checked against PyTorch",
                        description="Export every stage to ONNX (dynamo exporter), check ONNX Runtime against torch at batch 1 and 5, and write a bundle with manifest.json and a sha256 per file.")
-    p.add_argument("model", help="checkpoint folder (from `edgederm train`) or a registered model name (random weights)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint folder (from `edgederm train`) or a registered model name (random weights)")
+    p.add_argument("--module", default=None, metavar="PKG.MOD:FACTORY",
+                   help="your own PyTorch model: a callable returning the nn.Module (with --task, --input-size, --classes)")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset the exporter writes (18, its native one); "
                    "for TensorRT 8.5/8.6 pass --target, which converts to 17")
@@ -533,7 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "then lint (exit status 1 on findings).")
     p.add_argument("--no-verify", action="store_true", help="skip the torch vs ONNX Runtime parity check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    _add_own_model_arguments(p, module=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="an existing ONNX file -> bundle (checked, NHWC/fixed batch adapted, run once)",
+                       description="Check an ONNX graph (checker, shapes, opset, layout, dtype), make its batch dynamic "
+                                   "where that is safe, run it once in ONNX Runtime and write a bundle.")
+    p.add_argument("onnx", type=Path, help="the .onnx file")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    _add_own_model_arguments(p, module=False)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("quantize", help="add an INT8 / FP16 graph per stage to a bundle, with a fidelity report",
                        description="Calibrate on images read through the runtime preprocessing (tiles for segmenters, windows "
@@ -623,11 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("image", type=Path)
     p.add_argument("--metadata", help='JSON text or file, e.g. \'{"age": 54, "sex": "female", "site": "back"}\'')
-    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
+    _add_runtime_options(p)
     p.add_argument("--json", action="store_true", help="print label, probabilities, review, backend, precision, timings as JSON")
     p.add_argument("--overlay", type=Path, default=None, metavar="PNG", help="write the mask outline and heatmap over the image (segmenters)")
-    p.add_argument("--memory-budget", default=None, help="plan the tile batch for this budget, e.g. 1.5GiB or 800MB")
     _add_trust_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -641,8 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-model", default=None, metavar="MODULE:CALLABLE",
                    help="build the peers' torch model with this callable (a model outside the registry); weights from --checkpoint if given")
     p.add_argument("--peers", default="torch,monai", help="comma-separated peers: torch, monai; or none")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic (what the bundle holds)")
-    p.add_argument("--memory-budget", default=None, help="memory budget for the runtime, e.g. 1.5GiB")
+    _add_runtime_options(p, backend=False)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: min(2, cores))")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write latency and memory against megapixels")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
@@ -740,9 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, default=None,
                    help="file holding the bearer token clients must send (else $EDGEDERM_SERVE_TOKEN)")
     p.add_argument("--name", default=None, help="model name in the protocol (default: the bundle's model name)")
-    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | tensorrt")
-    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | int8 | int8_dynamic")
-    p.add_argument("--memory-budget", default=None, help="memory budget for the runtime, e.g. 1.5GiB")
+    _add_runtime_options(p)
     p.add_argument("--workers", type=int, default=1, help="predictions run at once (default 1)")
     p.add_argument("--queue-size", type=int, default=8, help="requests that may wait; one more gets 429 (default 8)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a request may wait and run (default 60)")

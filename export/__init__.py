@@ -11,12 +11,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .bundle import export_bundle
+    from .failures import DataDependentControlFlowError, UnsupportedOperatorError
     from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
+    from .onnx_import import import_onnx
+    from .preprocess_from import from_hf, from_timm, from_torchvision, preprocess_from
+    from .wrap import wrap_module
 
 _WHERE = {"export_bundle": ".bundle", "DEFAULT_OPSET": ".onnx", "ExportError": ".onnx", "ParityReport": ".onnx",
-          "check_parity": ".onnx", "export_stage_onnx": ".onnx"}
+          "check_parity": ".onnx", "export_stage_onnx": ".onnx", "import_onnx": ".onnx_import",
+          "wrap_module": ".wrap", "preprocess_from": ".preprocess_from", "from_timm": ".preprocess_from",
+          "from_torchvision": ".preprocess_from", "from_hf": ".preprocess_from",
+          "DataDependentControlFlowError": ".failures", "UnsupportedOperatorError": ".failures"}
 
-__all__ = ["export_bundle", "DEFAULT_OPSET", "ExportError", "ParityReport", "check_parity", "export_stage_onnx"]
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str) -> Any:

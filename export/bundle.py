@@ -27,12 +27,18 @@ from edgederm.runtime.targets import load_target
 
 from .onnx import DEFAULT_OPSET, ExportError, ParityReport, check_parity, export_stage_onnx
 from .target_forms import rewrite_file_for_target
+from .failures import explain_export_failure
+from .wrap import as_edgederm_model
 
 log = logging.getLogger(__name__)
 
 
 def default_preprocess(model: EdgeDermModel) -> PreprocessConfig:
-    """Resize to the model's input size; mean/std 0.5 (HiFuse's training recipe)."""
+    """The model's own preprocessing when it carries one (a wrapped timm model's
+    pretrained_cfg), else resize to its input size with mean/std 0.5 (HiFuse's recipe)."""
+    own = getattr(model, "preprocess", None)
+    if isinstance(own, PreprocessConfig):
+        return own
     return PreprocessConfig(input_size=tuple(model.input_size))  # type: ignore[arg-type]
 
 
@@ -64,6 +70,13 @@ def export_bundle(
     progress: Callable[[str], None] | None = None,
     profile_memory: bool = True,
     target: str | None = None,
+    task: str | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    class_names: list[str] | None = None,
+    modalities: tuple[str, ...] | None = None,
+    metadata_schema: dict[str, Any] | None = None,
+    output: str | None = None,
+    output_key: str | int | None = None,
 ) -> Path:
     """Export every stage of ``model`` to ONNX and write a verified bundle to ``out_dir``.
 
@@ -76,12 +89,15 @@ def export_bundle(
     ``target`` (a profile name, edgederm.runtime.targets) rewrites each graph into the
     forms that target's TensorRT parser takes (export/target_forms.py) before the parity
     check, and records the target in the manifest; `edgederm lint` checks the result.
+
+    ``model`` is an EdgeDerm model, or any ``nn.Module`` together with ``task``,
+    ``input_size`` and ``class_names`` (and optionally ``modalities``,
+    ``metadata_schema``, ``output``, ``output_key``): it is then wrapped as one stage
+    (export/wrap.py).
     """
-    if not isinstance(model, EdgeDermModel):
-        raise ExportError(
-            f"export_bundle takes an EdgeDerm model (edgederm.models.create_model), got {type(model).__name__}; "
-            "wrap your module in a subclass of edgederm.models.EdgeDermModel that declares task, input size and export_stages()"
-        )
+    model = as_edgederm_model(model, task=task, input_size=input_size, class_names=class_names,
+                              modalities=modalities, metadata_schema=metadata_schema, output=output,
+                              output_key=output_key)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
@@ -96,7 +112,13 @@ def export_bundle(
         parity: dict[str, dict] = {}
         for stage in model.export_stages():
             say(f"exporting stage {stage.name} (opset {opset})")
-            path = export_stage_onnx(stage, staging / f"{stage.name}.fp32.onnx", opset=opset)
+            try:
+                path = export_stage_onnx(stage, staging / f"{stage.name}.fp32.onnx", opset=opset)
+            except ExportError as exc:
+                typed = explain_export_failure(stage.name, exc.__cause__) if exc.__cause__ is not None else None
+                if typed is None:
+                    raise
+                raise typed from exc.__cause__
             if profile is not None:
                 forms = rewrite_file_for_target(path, profile)
                 target_forms[stage.name] = forms.to_dict()
@@ -122,51 +144,68 @@ def export_bundle(
                 "outputs": [_tensor_spec(n, tuple(o.shape), "float32", {0: "batch"}) for n, o in zip(stage.outputs, outs)],
                 "graphs": {"fp32": {"file": path.relative_to(staging).as_posix()}},  # sha256: from files below
             })
-        preprocess_config = preprocess or default_preprocess(model)
-        tiling = tiling_section(model)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "sdk_version": edgederm.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": {
-                "name": getattr(model, "model_name", type(model).__name__),
-                "architecture": type(model).__name__,
-                "kwargs": _jsonable(getattr(model, "model_kwargs", {})),
-                "task": model.task,
-                "modalities": list(model.modalities),
-                "class_names": list(model.class_names),
-                "input_size": list(model.input_size),
-                "metadata_schema": getattr(model, "metadata_schema", None),
-            },
-            "preprocess": preprocess_config.to_dict(),
-            "stages": stages_json,
-            "export": {"exporter": "torch.onnx dynamo", "opset": min((f["opset"] for f in target_forms.values()), default=opset), "torch": _torch_version(), "parity": parity},
-            "target": None if profile is None else {
-                "name": profile.name, "tensorrt": profile.tensorrt, "max_opset": profile.max_opset, "stages": target_forms},
-            "tiling": tiling,
-            "memory": None,
-            "calibration": None,
-            "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
-            **(extra or {}),
-            "files": file_table(staging),
+        model_section = {
+            "name": getattr(model, "model_name", type(model).__name__),
+            "architecture": type(model).__name__,
+            "kwargs": _jsonable(getattr(model, "model_kwargs", {})),
+            "task": model.task,
+            "modalities": list(model.modalities),
+            "class_names": list(model.class_names),
+            "input_size": list(model.input_size),
+            "metadata_schema": getattr(model, "metadata_schema", None),
         }
-        for entry in stages_json:  # each graph hashed once, by file_table
-            graph = entry["graphs"]["fp32"]
-            graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
-        if profile_memory:
-            from .memory_profile import measure_memory_profile
-
-            manifest["memory"] = measure_memory_profile(parse_manifest(manifest, staging), say=say)
-        if tiling is not None and "batch_size" not in tiling:
-            tiling["batch_size"] = default_tile_batch(parse_manifest(manifest, staging))
-        write_manifest(staging, manifest)
-        commit(staging, out)
+        finish_bundle(staging, out, model=model_section, preprocess=preprocess or default_preprocess(model),
+                      stages=stages_json,
+                      export={"exporter": "torch.onnx dynamo",
+                              "opset": min((f["opset"] for f in target_forms.values()), default=opset),
+                              "torch": _torch_version(), "parity": parity},
+                      tiling=tiling_section(model), clinical=clinical, profile_memory=profile_memory, say=say,
+                      extra={"target": None if profile is None else {
+                          "name": profile.name, "tensorrt": profile.tensorrt, "max_opset": profile.max_opset,
+                          "stages": target_forms}, **(extra or {})})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     say(f"bundle written to {out}")
     return out
+
+
+def finish_bundle(staging: Path, out: Path, *, model: dict[str, Any], preprocess: PreprocessConfig,
+                  stages: list[dict[str, Any]], export: dict[str, Any], tiling: dict[str, Any] | None,
+                  clinical: dict[str, Any] | None, extra: dict[str, Any] | None, profile_memory: bool,
+                  say: Callable[[str], None]) -> None:
+    """Hash the staged graphs, measure memory, write the manifest and move ``staging`` to ``out``.
+
+    The one place a new bundle's manifest is put together (``export_bundle`` and
+    ``edgederm import``); each stage's ``graphs.fp32.file`` must already be in ``staging``.
+    """
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sdk_version": edgederm.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "preprocess": preprocess.to_dict(),
+        "stages": stages,
+        "export": export,
+        "tiling": tiling,
+        "memory": None,
+        "calibration": None,
+        "clinical": {"temperature": 1.0, "review_threshold": 0.5, "review_classes": [], **(clinical or {})},
+        **(extra or {}),
+        "files": file_table(staging),
+    }
+    for entry in stages:  # each graph hashed once, by file_table
+        graph = entry["graphs"]["fp32"]
+        graph["sha256"] = manifest["files"][graph["file"]]["sha256"]
+    if profile_memory:
+        from .memory_profile import measure_memory_profile
+
+        manifest["memory"] = measure_memory_profile(parse_manifest(manifest, staging), say=say)
+    if tiling is not None and "batch_size" not in tiling:
+        tiling["batch_size"] = default_tile_batch(parse_manifest(manifest, staging))
+    write_manifest(staging, manifest)
+    commit(staging, out)
 
 
 def tiling_section(model: nn.Module) -> dict[str, Any] | None:

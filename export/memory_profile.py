@@ -72,7 +72,7 @@ for stage in bundle.stages:
     if stage.name != profiled.name:
         backends[stage.name].run({spec.name: zeros(spec, 1) for spec in stage.inputs})
 height, width = int(image_spec.shape[2]), int(image_spec.shape[3])
-config = dataclasses.replace(bundle.preprocess, input_size=(height, width), resize="none")
+config = dataclasses.replace(bundle.preprocess, input_size=(height, width), resize="none", crop_fraction=1.0)
 images = rng.integers(0, 256, size=(args["batch"], height, width, 3), dtype=np.uint8)
 stats = pp.color_stats(images[0])
 for _ in range(2):

@@ -1,6 +1,6 @@
 """torch -> ONNX for every stage a model declares, with a parity check against torch.
 
-Exporter choice (decided, and tested in tests/test_export.py): torch's dynamo-based
+Exporter choice (decided, and tested in tests/models/test_models.py): torch's dynamo-based
 exporter (``torch.onnx.export(..., dynamo=True)``). The TorchScript-based exporter is
 deprecated and fails on shape arithmetic in Swin stages; the dynamo exporter traces
 with ``torch.export`` and keeps the batch axis symbolic, so a graph exported with

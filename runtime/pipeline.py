@@ -85,8 +85,9 @@ def iter_window_batches(image: np.ndarray, config: pp.PreprocessConfig, window: 
     from .tiling import iter_windows
 
     stats = stats if stats is not None else pp.image_color_stats(image, config)
-    resized = pp.resize_image(image, (rows * window, cols * window), config.resize)
-    window_config = dataclasses.replace(config, input_size=(window, window), resize="none")
+    resized = pp.resize_image(image, (rows * window, cols * window), config.resize, config.crop_fraction)
+    window_config = dataclasses.replace(config, input_size=(window, window), resize="none",
+                                        crop_fraction=1.0)
     for batch, indices in iter_windows(resized, window, rows, cols, batch_size):
         yield pp.preprocess_batch(batch, window_config, stats), indices
 

@@ -50,6 +50,11 @@ Decisions where the sources are silent:
   corrected image can be stored, viewed and tiled like any other.
 - ``center_crop`` crops the largest central region with the aspect ratio of the
   model input (a square for square inputs) and resizes it, so nothing is distorted.
+- ``crop_fraction`` (timm's ``crop_pct``, torchvision's crop size / resize size)
+  keeps only the central fraction of that region (``stretch``: of the whole image)
+  before the resize. "Resize the shorter side to 256, crop the central 224" is
+  ``center_crop`` with ``crop_fraction = 224 / 256``: the same pixels of the photo,
+  resized once (one interpolation, at the model's size, instead of two).
 - Shrinking uses ``cv2.INTER_AREA`` (no aliasing), enlarging ``cv2.INTER_LINEAR``.
 """
 from __future__ import annotations
@@ -105,6 +110,7 @@ class PreprocessConfig:
     hair_removal: bool = False
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # on the 0..1 scale, RGB
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_fraction: float = 1.0  # central share kept before resizing (stretch, center_crop)
 
     def __post_init__(self) -> None:
         # Validate on construction too, so a typo fails where it is written.
@@ -123,6 +129,12 @@ class PreprocessConfig:
         self.hair_removal = bool(self.hair_removal)
         self.mean = _check_triple("mean", self.mean, positive=False)
         self.std = _check_triple("std", self.std, positive=True)
+        self.crop_fraction = _check_number("crop_fraction", self.crop_fraction, 0.0, 1.0, "a number in (0, 1]",
+                                           exclusive_low=True)
+        if self.crop_fraction != 1.0 and self.resize not in ("stretch", "center_crop"):
+            raise InputError(f"preprocess config: crop_fraction={self.crop_fraction} with resize={self.resize!r}; "
+                             "a crop fraction applies to resize 'stretch' or 'center_crop'; use one of them or "
+                             "crop_fraction=1.0")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); ``from_dict`` reads it back."""
@@ -135,6 +147,7 @@ class PreprocessConfig:
             "hair_removal": self.hair_removal,
             "mean": list(self.mean),
             "std": list(self.std),
+            "crop_fraction": self.crop_fraction,
         }
 
     @classmethod
@@ -350,7 +363,14 @@ def _resize_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-def resize_image(image_uint8: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:
+def _central(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
+    top = (image.shape[0] - crop_h) // 2
+    left = (image.shape[1] - crop_w) // 2
+    return np.ascontiguousarray(image[top:top + crop_h, left:left + crop_w])
+
+
+def resize_image(image_uint8: np.ndarray, size: tuple[int, int], policy: str,
+                 crop_fraction: float = 1.0) -> np.ndarray:
     """Resize to ``size`` = (H, W) by ``policy``.
 
     - ``stretch``: to exactly (H, W), aspect ratio not kept.
@@ -360,6 +380,9 @@ def resize_image(image_uint8: np.ndarray, size: tuple[int, int], policy: str) ->
       (H, W) (the central square for a square input), then resize.
     - ``none``: the image must already be (H, W); otherwise :class:`InputError`.
 
+    ``crop_fraction`` < 1 (stretch and center_crop) keeps the central fraction of each
+    side of the region before resizing it.
+
     The input is returned unchanged (not copied) when it already has the size.
     """
     image = as_rgb_uint8(image_uint8)
@@ -367,6 +390,9 @@ def resize_image(image_uint8: np.ndarray, size: tuple[int, int], policy: str) ->
     if policy not in RESIZE_POLICIES:
         raise InputError(f"resize policy {policy!r}; allowed: {', '.join(repr(p) for p in RESIZE_POLICIES)}")
     src_h, src_w = image.shape[:2]
+    if crop_fraction != 1.0 and policy not in ("stretch", "center_crop"):
+        raise InputError(f"crop_fraction={crop_fraction} with resize policy {policy!r}; "
+                         "it applies to 'stretch' and 'center_crop' only")
 
     if policy == "none":
         if (src_h, src_w) != (height, width):
@@ -376,6 +402,8 @@ def resize_image(image_uint8: np.ndarray, size: tuple[int, int], policy: str) ->
             )
         return image
     if policy == "stretch":
+        if crop_fraction != 1.0:
+            image = _central(image, max(1, round(src_h * crop_fraction)), max(1, round(src_w * crop_fraction)))
         return _resize_to(image, height, width)
     if policy == "letterbox":
         scale = min(height / src_h, width / src_w)
@@ -395,10 +423,9 @@ def resize_image(image_uint8: np.ndarray, size: tuple[int, int], policy: str) ->
         crop_h, crop_w = src_h, min(src_w, max(1, round(src_h * target_aspect)))
     else:
         crop_h, crop_w = min(src_h, max(1, round(src_w / target_aspect))), src_w
-    top = (src_h - crop_h) // 2
-    left = (src_w - crop_w) // 2
-    crop = image[top:top + crop_h, left:left + crop_w]
-    return _resize_to(np.ascontiguousarray(crop), height, width)
+    if crop_fraction != 1.0:
+        crop_h, crop_w = max(1, round(crop_h * crop_fraction)), max(1, round(crop_w * crop_fraction))
+    return _resize_to(_central(image, crop_h, crop_w), height, width)
 
 
 def _check_size_arg(size: Any) -> tuple[int, int]:
@@ -472,7 +499,7 @@ def _prepare_uint8(image: np.ndarray, config: PreprocessConfig, stats: ColorStat
                                       config.gwsd_target_mean, config.gwsd_target_std)
     if config.hair_removal:
         image = remove_hair(image)
-    return resize_image(image, config.input_size, config.resize)
+    return resize_image(image, config.input_size, config.resize, config.crop_fraction)
 
 
 def _check_config(config: object) -> PreprocessConfig:

@@ -22,7 +22,7 @@ from edgederm.runtime.tiling import make_grid  # noqa: E402
 @pytest.fixture(scope="module")
 def segmenter_bundle(tmp_path_factory):
     from edgederm.export import export_bundle
-    from tests.test_tiled_runtime import ConvSegmenter
+    from tests.tiny_models import ConvSegmenter
 
     return export_bundle(ConvSegmenter(kernel=3).eval(), tmp_path_factory.mktemp("bench") / "conv3",
                          progress=lambda m: None)
@@ -37,7 +37,7 @@ def test_flops_are_counted_from_the_graph(segmenter_bundle):
 
 def test_bench_against_torch_and_monai_on_the_same_weights(segmenter_bundle, tmp_path, record_property):
     pytest.importorskip("monai")
-    config = BenchConfig(bundle=segmenter_bundle, sizes=[200], torch_model="tests.test_tiled_runtime:ConvSegmenter",
+    config = BenchConfig(bundle=segmenter_bundle, sizes=[200], torch_model="tests.tiny_models:ConvSegmenter",
                          precision="fp32")
     report = run_bench(config, say=lambda m: None)
     rows = {r["engine"]: r for r in report["results"]}

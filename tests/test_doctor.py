@@ -1,4 +1,4 @@
-"""`edgederm doctor` on recorded Jetson system files (tests/data/jetson/<release>/, one per release)."""
+"""`edgederm doctor` on recorded Jetson system files (tests/recorded/jetson/<release>/, one per release)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from edgederm.doctor import (device_facts, engine_mismatches, mismatches, parse_
                              parse_tensorrt_header, target_mismatches)
 from edgederm.runtime.targets import load_target
 
-RECORDED = Path(__file__).resolve().parent / "data" / "jetson"
+RECORDED = Path(__file__).resolve().parent / "recorded" / "jetson"
 REPO = Path(__file__).resolve().parents[1]
 
 # release folder -> (L4T, TensorRT, CUDA, the profiles of that release)

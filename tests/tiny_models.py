@@ -1,8 +1,10 @@
-"""A tiny classifier for trainer tests: three strided convolutions with GroupNorm.
+"""Tiny models shared by the tests.
+
+TinyNet, a classifier for trainer tests: three strided convolutions with GroupNorm.
 
 GroupNorm instead of BatchNorm so that data-parallel ranks, each seeing half the
 batch, compute exactly what one process computes on the whole batch; and small
-enough that a few epochs on 2 shared CPU cores take seconds.
+enough that a few epochs on 2 CPU cores take seconds.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from edgederm.models.base import EdgeDermModel
 
 
 class TinyNet(nn.Module):
@@ -61,3 +65,22 @@ class TinySegNet(nn.Module):
 
 def tiny_seg_net(**kwargs: object) -> TinySegNet:
     return TinySegNet(**kwargs)  # type: ignore[arg-type]
+
+
+class ConvSegmenter(EdgeDermModel):
+    """Two convolutions, seeded weights; ``kernel`` 1 = pointwise, 3 = receptive radius 2."""
+
+    task = "segment"
+
+    def __init__(self, kernel: int = 3, hidden: int = 8, img_size: int = 64, seed: int = 0) -> None:
+        super().__init__(2, img_size, ["background", "lesion"])
+        generator = torch.Generator().manual_seed(seed)
+        self.c1 = nn.Conv2d(3, hidden, kernel, padding=kernel // 2)
+        self.c2 = nn.Conv2d(hidden, 2, kernel, padding=kernel // 2)
+        with torch.no_grad():
+            for conv in (self.c1, self.c2):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.4)
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
+
+    def forward(self, dermoscopy: torch.Tensor) -> torch.Tensor:
+        return self.c2(torch.relu(self.c1(dermoscopy)))

@@ -136,7 +136,8 @@ def _read_mask(record: Record, image_hw: tuple[int, int], config: PreprocessConf
     binary = np.where(mask > (0 if mask.max() <= 1 else 127), 255, 0).astype(np.uint8)
     # The image's own resize policy on a 3-channel copy keeps pixels and mask aligned;
     # area interpolation then a 127 threshold is a majority vote per output pixel.
-    resized = pp.resize_image(np.repeat(binary[:, :, None], 3, axis=2), config.input_size, config.resize)
+    resized = pp.resize_image(np.repeat(binary[:, :, None], 3, axis=2), config.input_size, config.resize,
+                               config.crop_fraction)
     return (resized[:, :, 0] > 127).astype(np.int64)
 
 

@@ -2,7 +2,7 @@
 
 For archives that outgrow one machine. The records go to the cluster as plain rows
 (paths, label, metadata as JSON); each Ray actor loads the bundle once and runs
-:func:`edgederm.evaluate.runner.evaluate_case`, the code a local run uses; the rows
+:func:`edgederm.evaluate.case.evaluate_case`, the code a local run uses; the rows
 come back to the driver, which appends them to the same results file. So resume, the
 file format and every number are shared with a single-process run: only where the
 cases are predicted changes. The image paths must be readable on every node (a
@@ -50,7 +50,7 @@ class _Predictor:
         self.skin = skin
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from edgederm.evaluate.runner import evaluate_case
+        from edgederm.evaluate.case import evaluate_case
 
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["id"]))]
         results = [json.dumps(evaluate_case(self.model, _as_record(row), self.skin)) for row in rows]

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from edgederm.evaluate.case import SKIN_TONE
 from edgederm.evaluate.runner import (
-    SKIN_TONE,
     EvaluateOptions,
     bundle_precisions,
     dataset_id,

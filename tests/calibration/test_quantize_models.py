@@ -1,6 +1,6 @@
 """quantize_bundle on every task and stage layout, and the fallback on a model made sensitive on purpose.
 
-The zoo's *_tiny models are quantized stage by stage in tests/test_models.py; here the
+The zoo's *_tiny models are quantized stage by stage in tests/models/test_models.py; here the
 bundle-level path runs on micro models (seconds to export) that have the layouts the
 zoo has: a tiled segmenter, an image + metadata classifier, a two-stage windowed
 classifier (windows -> embeddings -> region), and a classifier with one layer whose

@@ -319,7 +319,7 @@ def test_module_does_not_import_torch():
         "assert 'torch' not in sys.modules\n"
         "print(case.image.shape)\n"
     )
-    repo_root = pathlib.Path(__file__).resolve().parents[1]
+    repo_root = pathlib.Path(__file__).resolve().parents[2]
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo_root
     )

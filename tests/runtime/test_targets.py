@@ -9,7 +9,7 @@ import pytest
 from edgederm.runtime.errors import EdgeDermError
 from edgederm.runtime.targets import PROFILE_DIR, UnknownTargetError, all_targets, load_target, target_names
 
-TABLES = Path(__file__).resolve().parents[1] / "export" / "parser_tables"
+TABLES = Path(__file__).resolve().parents[2] / "export" / "parser_tables"
 REQUIRED = {"jetson-orin-nano-4gb-jp5", "jetson-orin-nano-8gb-jp6", "jetson-orin-nx-jp6", "jetson-agx-orin-jp6", "x86-trt10"}
 
 
@@ -67,7 +67,7 @@ def test_profiles_load_without_torch_or_onnx():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
             "from edgederm.runtime.targets import all_targets; print(len(all_targets()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert int(out.stdout) == len(target_names())
 
 
@@ -75,7 +75,7 @@ def test_docs_list_every_profile_fact_and_source():
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "scripts/target_profiles_doc.py", "--out", "docs/target-profiles.md", "--check"],
                           capture_output=True, text=True, cwd=repo)
     assert proc.returncode == 0, proc.stderr
@@ -95,7 +95,7 @@ def test_docs_list_every_profile_fact_and_source():
 def test_detect_target_from_recorded_device_files(release, expected):
     from edgederm.runtime.targets import detect_target
 
-    found = detect_target(Path(__file__).resolve().parent / "data" / "jetson" / release)
+    found = detect_target(Path(__file__).resolve().parents[1] / "recorded" / "jetson" / release)
     assert (found.name if found else None) == expected
 
 

@@ -25,7 +25,7 @@ from edgederm.runtime.preprocess import (
     resize_image,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _skin(height: int, width: int, seed: int = 0, noise: float = 2.0) -> np.ndarray:

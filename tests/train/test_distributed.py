@@ -92,7 +92,7 @@ def test_torchrun_runs_the_trainer_module(tmp_path, record_property):
     from edgederm.data.synthetic import generate_dataset
 
     generate_dataset(tmp_path / "data", n_per_class=4, size=128, seed=5)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "edgederm.train",
            str(tmp_path / "data"), "--model", "hifuse_tiny", "--out", str(tmp_path / "ckpt"), "--epochs", "1",
            "--batch-size", "4", "--threads", "1", "--device", "cpu", "--json"]

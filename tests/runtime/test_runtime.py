@@ -16,7 +16,7 @@ import pytest
 from edgederm.data.synthetic import generate_case
 from edgederm.runtime import ImageDecodeError, InputError, Result, load
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # What a device without torch has: importing any of these fails in the child process.

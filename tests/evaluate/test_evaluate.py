@@ -241,7 +241,7 @@ def test_segmentation_figures_match_scikit_learn(tmp_path):
     """Per-image Dice and IoU of evaluate_case (a segmenter's Result.mask vs the mask file)."""
     metrics_sk = pytest.importorskip("sklearn.metrics")
     from edgederm.data import Record
-    from edgederm.evaluate.runner import evaluate_case
+    from edgederm.evaluate.case import evaluate_case
     from edgederm.evaluate.stats import segmentation_summary
     from edgederm.runtime import Result
 

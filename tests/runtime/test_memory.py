@@ -68,7 +68,7 @@ def big_tile_bundle(tmp_path_factory):
     """A conv segmenter with 256 px tiles (8192^2 = 1849 tiles: seconds, not minutes)."""
     pytest.importorskip("torch")
     from edgederm.export import export_bundle
-    from tests.test_tiled_runtime import ConvSegmenter
+    from tests.tiny_models import ConvSegmenter
 
     model = ConvSegmenter(kernel=3, hidden=4, img_size=256).eval()
     return export_bundle(model, tmp_path_factory.mktemp("memory") / "seg256", progress=lambda m: None)

@@ -224,7 +224,7 @@ def test_summary_counts_repeated_findings():
 @pytest.mark.slow
 def test_lint_cli_exit_status_and_json(bundle_copy):
     """hifuse_tiny exported (opset 18) and quantized (ORT's default uint8 activations)."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     run = lambda *a: subprocess.run([sys.executable, "-m", "edgederm.cli", "lint", str(bundle_copy), *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=300, cwd=repo)
     flagged = run("--target", JP5, "--json")

@@ -3,7 +3,7 @@
 Every model here is a small hand-made torch module exported to a real bundle
 (ONNX, manifest, memory profile), so the runtime is tested exactly as a device
 runs it. The identity-predictor invariance of the tiler itself lives in
-tests/test_tiling.py and is not repeated.
+tests/runtime/test_tiling.py and is not repeated.
 
 Honesty about receptive fields: a convolution with zero padding sees zeros at a
 tile's edge where the full image has pixels, so a tiled prediction can equal the
@@ -31,30 +31,12 @@ from edgederm.models.base import EdgeDermModel, ExportStage  # noqa: E402
 from edgederm.runtime import InputError, load  # noqa: E402
 from edgederm.runtime import preprocess as pp  # noqa: E402
 from edgederm.runtime.probabilities import tile_probabilities  # noqa: E402
+from tests.tiny_models import ConvSegmenter  # noqa: E402
 
 TILE = 64
 
 
 # --------------------------------------------------------------------------- models
-
-
-class ConvSegmenter(EdgeDermModel):
-    """Two convolutions, seeded weights; ``kernel`` 1 = pointwise, 3 = receptive radius 2."""
-
-    task = "segment"
-
-    def __init__(self, kernel: int = 3, hidden: int = 8, img_size: int = TILE, seed: int = 0) -> None:
-        super().__init__(2, img_size, ["background", "lesion"])
-        generator = torch.Generator().manual_seed(seed)
-        self.c1 = nn.Conv2d(3, hidden, kernel, padding=kernel // 2)
-        self.c2 = nn.Conv2d(hidden, 2, kernel, padding=kernel // 2)
-        with torch.no_grad():
-            for conv in (self.c1, self.c2):
-                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.4)
-                conv.bias.copy_(torch.randn(conv.bias.shape, generator=generator) * 0.1)
-
-    def forward(self, dermoscopy: torch.Tensor) -> torch.Tensor:
-        return self.c2(torch.relu(self.c1(dermoscopy)))
 
 
 class DarkLesionSegmenter(EdgeDermModel):

@@ -1,0 +1,1 @@
+../../../../r36.4.0-orin-nano-8gb/usr/include/aarch64-linux-gnu/NvInferVersion.h
