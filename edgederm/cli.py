@@ -16,8 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
-from edgederm.runtime.errors import EdgeDermError
+from edgederm.runtime.errors import EdgeDermError, PythonVersionError
 from edgederm.training.options import add_train_arguments
+
+# The release side (PyTorch, ONNX) needs Python 3.10+; every other command is device-side and
+# runs on Python 3.8, the Python of JetPack 5.
+RELEASE_SIDE_COMMANDS = frozenset({
+    "quickstart", "data", "train", "export", "quantize", "evaluate", "bench-precision", "bench", "lint", "models",
+})
+RELEASE_SIDE_PYTHON = (3, 10)
 
 
 def _print_json(data: Any) -> None:
@@ -29,6 +36,18 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
+
+
+def require_release_python(command: str, version: Sequence[int] = sys.version_info[:2]) -> None:
+    """Refuse a release-side command on a Python older than it needs, before it imports torch."""
+    if command in RELEASE_SIDE_COMMANDS and tuple(version[:2]) < RELEASE_SIDE_PYTHON:
+        need = ".".join(map(str, RELEASE_SIDE_PYTHON))
+        raise PythonVersionError(
+            f"`edgederm {command}` needs Python {need} or newer (training, export and quantization use PyTorch "
+            f"and ONNX); this is Python {version[0]}.{version[1]}. Fix: run it on a machine with Python {need}+ "
+            "(`pip install 'edgederm[export]'`) and copy the bundle here; on this Python the device commands "
+            "work: predict, plan, doctor, build, selftest, serve"
+        )
 
 
 # -- sub-commands ------------------------------------------------------------------------
@@ -302,6 +321,59 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if "mismatches" in report and not report["mismatches"]:
             print("no mismatch with " + " and ".join(str(v) for v in (args.bundle, args.target) if v))
     return 1 if report.get("mismatches") else 0
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``2048`` or ``2048x1536`` (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"image size {text!r}: expected N or HxW in pixels, e.g. 2048 or 2048x1536")
+    height = int(parts[0])
+    return height, int(parts[-1])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from edgederm.runtime.bundle import read_manifest
+    from edgederm.runtime.memory import ACTIVATION_SCALE, MARGIN_FRACTION, format_size, parse_size, plan
+    from edgederm.runtime.targets import load_target
+
+    target = load_target(args.target)
+    manifest = read_manifest(args.bundle)
+    height, width = args.size
+    budget = parse_size(args.memory_budget) if args.memory_budget else None
+    result = plan(manifest, budget, height, width, target=target, precision=args.precision)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    measured = manifest.memory.measured_on if manifest.memory else {}
+    where = f"measured on {measured.get('backend', '?')}, {measured.get('machine', '?')}"
+    notes = {
+        "runtime": f"{where}: the profile's fixed part less its {measured.get('precision', 'fp32')} graphs",
+        "weights": f"the bundle's {args.precision} graph files",
+    }
+    for term in result.unmeasured:
+        fact = target.sources.get(f"memory_plan.{term}_bytes")
+        notes[term] = "NOT MEASURED: " + (fact.title if fact else "target profile figure")
+    scale = ACTIVATION_SCALE[args.precision]
+    rows = [(name, size, notes.get(name, "")) for name, size in result.fixed_parts]
+    rows += [
+        (f"activations x {result.batch_size}", result.per_tile_bytes * result.batch_size,
+         f"measured fp32 slope per tile x {scale:g} ({args.precision} width on the GPU: NOT MEASURED)"),
+        ("image buffers", result.image_bytes, "computed: the caller's image and outputs at input resolution"),
+        ("accumulators", result.accumulator_bytes, "computed: the tiler's band, or the window embeddings"),
+    ]
+    print(f"memory plan: {manifest.model.name} on {target.name} ({target.module}"
+          f"{', unified memory' if target.unified_memory else ''}), {args.precision}, {height}x{width}")
+    for name, size, note in rows:
+        print(f"  {name:<20} {format_size(size):>11}  {note}")
+    print(f"  {'predicted peak':<20} {format_size(result.predicted_peak_bytes):>11}")
+    if result.budget_bytes is not None:
+        source = ("--memory-budget" if budget else f"{format_size(target.memory_bytes or 0)} less the OS's "
+                  f"{format_size(target.os_reserved_bytes or 0)} (headless; NOT MEASURED)")
+        print(f"  {'margin':<20} {format_size(result.margin_bytes):>11}  {MARGIN_FRACTION:.0%} of the budget")
+        print(f"  {'budget':<20} {format_size(result.budget_bytes):>11}  {source}")
+    print(f"tile batch that fits: {result.batch_size}")
+    return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -723,8 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-side", type=int, default=16384, help="largest image side in px (default 16384)")
     p.add_argument("--max-image-pixels", type=int, default=64_000_000, help="largest image area in px (default 64e6)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
-    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+    # Two flags rather than argparse.BooleanOptionalAction (3.9+): serve runs on the device's Python 3.8.
+    p.add_argument("--access-log", dest="access_log", action="store_true", default=True,
                    help="one JSON line per request on stderr (default on)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no access log")
     _add_trust_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -762,6 +836,21 @@ def build_parser() -> argparse.ArgumentParser:
     _target_option(p, "check this device against a target profile.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("plan", help="predict a bundle's peak memory on a target device and the tile batch that fits",
+                       description="Predict the peak of the target's (unified) memory for one image: runtime and "
+                                   "activations from the bundle's measured memory profile, weights from its graph files, "
+                                   "CUDA context and TensorRT workspace from the target profile (figures from its "
+                                   "sources, not measured here), and the largest tile batch under the budget (the "
+                                   "target's memory less its OS's share, or --memory-budget).")
+    p.add_argument("bundle", type=Path)
+    _target_option(p, "the device to plan for.", required=True)
+    p.add_argument("--size", type=_image_size, default=(2048, 2048), help="image size, N or HxW px (default 2048)")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8"],
+                   help="the graphs the device runs (default fp16)")
+    p.add_argument("--memory-budget", default=None, help="plan under this budget instead, e.g. 2.5GiB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("models", help="list registered models: task, modalities, parameters, GMACs, stages",
                        description="Table of the model zoo. Paper-size variants only with --all (building them takes a few seconds).")
@@ -841,6 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
         logging.captureWarnings(True)  # numpy RuntimeWarnings and the like follow the logging policy above
         try:
+            require_release_python(args.command)
             status = int(args.func(args) or 0)
         except EdgeDermError as exc:
             status = 2

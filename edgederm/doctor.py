@@ -22,33 +22,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from edgederm.runtime.optional import is_available
-from edgederm.runtime.targets import TargetProfile, UnknownTargetError, all_targets, load_target
+from edgederm.runtime.targets import (TEGRA_RELEASE, L4tRelease, TargetProfile, UnknownTargetError, all_targets, load_target,
+                                      parse_tegra_release)
 
-TEGRA_RELEASE = "etc/nv_tegra_release"
 TENSORRT_HEADERS = ("usr/include/aarch64-linux-gnu/NvInferVersion.h", "usr/include/x86_64-linux-gnu/NvInferVersion.h",
                     "usr/include/NvInferVersion.h")
 CUDA_VERSION_FILES = ("usr/local/cuda/version.json", "usr/local/cuda/version.txt")
-
-
-@dataclass(frozen=True)
-class L4tRelease:
-    """A Jetson Linux release as ``/etc/nv_tegra_release`` states it: ``# R35 (release), REVISION: 4.1, ...``."""
-
-    major: int
-    revision: str
-    board: str = ""
-
-    @property
-    def version(self) -> str:
-        return f"{self.major}.{self.revision}"
-
-
-def parse_tegra_release(text: str) -> Optional[L4tRelease]:
-    match = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
-    if match is None:
-        return None
-    board = re.search(r"BOARD:\s*([^,\s]+)", text)
-    return L4tRelease(int(match.group(1)), match.group(2).rstrip("."), board.group(1) if board else "")
 
 
 def parse_tensorrt_header(text: str) -> Optional[str]:

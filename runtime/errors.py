@@ -55,6 +55,10 @@ class MissingDependencyError(EdgeDermError, ImportError):
     """An optional package is needed for this call and is not installed."""
 
 
+class PythonVersionError(EdgeDermError):
+    """A torch-side command (train, export, quantize...) run on a Python older than it needs."""
+
+
 class MemoryBudgetError(EdgeDermError):
     """The requested memory budget cannot be met by the model and tile plan."""
 

@@ -28,6 +28,22 @@ than this machine's memory is refused too (it could not be honoured).
 :func:`plan` is the one planner: the runtime, export (the bundle's default batch)
 and the engine builder (profile shapes) all call it.
 
+On a device (``plan(..., target=profile, precision=P)``; ``edgederm plan``): CPU and GPU
+share one DRAM on a Jetson, so the plan predicts the peak of that unified memory and the
+budget is the target's memory less what its OS keeps. The fixed part becomes, term by term:
+
+* ``runtime``: measured, the profile's ``fixed`` less the graphs it was measured with
+  (Python, numpy, OpenCV, the inference library, the runtime);
+* ``weights``: the bytes of the bundle's graph files of precision P;
+* ``cuda_context`` (CUDA with TensorRT's libraries) and ``tensorrt_workspace`` (the
+  scratch bound TensorRT's tactics may use): the target profile's figures, from the
+  sources it names, *not measured here*;
+
+and the per-tile slope is the measured fp32 one scaled by :data:`ACTIVATION_SCALE`: fp16
+activations are half as wide; int8 engines are planned at fp16 width too, since the
+layers outside Q/DQ pairs (softmax, LayerNorm, GELU) run in fp16 and TensorRT does not
+say ahead of the build which do. The GPU terms are stated as unmeasured in the plan.
+
 Sizes: :func:`parse_size` is the one size parser. It takes an int (bytes) or a
 string with a unit: ``KiB, MiB, GiB, TiB`` are powers of 1024 and so are the bare
 ``K, M, G, T`` (as in ``ulimit`` or ``docker -m``): ``"512M"`` = ``"512MiB"`` =
@@ -36,22 +52,31 @@ A float is accepted only when it is a whole number of bytes (``1.5`` is refused)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Tuple
 
 from .bundle import Manifest, MemoryProfile
 from .errors import InputError, MemoryBudgetError
 
+if TYPE_CHECKING:
+    from .targets import TargetProfile
+
 __all__ = [
     "MARGIN_FRACTION", "MAX_TILE_BATCH", "MemoryProfile", "MemoryPlan", "parse_size", "format_size",
-    "segment_buffers", "window_buffers", "plan_batch", "plan", "machine_memory_bytes",
+    "segment_buffers", "window_buffers", "plan_batch", "plan", "machine_memory_bytes", "ACTIVATION_SCALE",
+    "device_profile", "graph_bytes",
 ]
 
 MARGIN_FRACTION = 0.10
 MAX_TILE_BATCH = 32
+# Activation bytes on a device per fp32 byte measured on the CPU (see the module docstring).
+ACTIVATION_SCALE = {"fp32": 1.0, "fp16": 0.5, "int8": 0.5}
+# The device plan's terms that come from the target profile, not from a measurement.
+UNMEASURED_TERMS = ("cuda_context", "tensorrt_workspace", "os_reserved")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -117,6 +142,12 @@ class MemoryPlan:
     image_bytes: int
     accumulator_bytes: int
     margin_bytes: int
+    # On a device: the fixed part term by term ((name, bytes), summing to fixed_bytes), and
+    # which of them are figures from the target profile rather than measurements.
+    fixed_parts: Tuple[Tuple[str, int], ...] = ()
+    unmeasured: Tuple[str, ...] = ()
+    target: str = ""
+    precision: str = ""
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -128,6 +159,8 @@ class MemoryPlan:
             "predicted_peak_bytes": self.predicted_peak_bytes, "fixed_bytes": self.fixed_bytes,
             "per_tile_bytes": self.per_tile_bytes, "image_bytes": self.image_bytes,
             "accumulator_bytes": self.accumulator_bytes, "margin_bytes": self.margin_bytes,
+            "fixed_parts": dict(self.fixed_parts), "unmeasured": list(self.unmeasured),
+            "target": self.target, "precision": self.precision,
         }
 
 
@@ -193,18 +226,65 @@ def plan_batch(
                       image_bytes, accumulator_bytes, margin)
 
 
+def graph_bytes(bundle: Manifest, precision: str) -> int:
+    """Bytes of every stage's graph file of ``precision`` (the weights a session or engine holds)."""
+    total = 0
+    for stage in bundle.stages:
+        path = bundle.graph_path(stage, precision)
+        entry = bundle.files.get(stage.graphs[precision].file)
+        total += entry.bytes if entry is not None and entry.bytes is not None else path.stat().st_size
+    return total
+
+
+def device_profile(bundle: Manifest, target: TargetProfile, precision: str) -> tuple[MemoryProfile, tuple[tuple[str, int], ...]]:
+    """The bundle's measured profile carried to ``target`` at ``precision``: the fixed part
+    term by term (module docstring) and the activation slope at that precision's width."""
+    measured = bundle.memory
+    if measured is None:
+        raise MemoryBudgetError(f"bundle {bundle.root} has no measured memory profile, so no device plan can be made. "
+                                "Fix: re-export it with this SDK (export measures the profile)")
+    if target.cuda_context_bytes is None or target.tensorrt_workspace_bytes is None:
+        raise MemoryBudgetError(f"target {target.name} states no CUDA context or TensorRT workspace figure; "
+                                "Fix: add them to its profile's memory_plan section")
+    profiled = str(measured.measured_on.get("precision", "fp32"))
+    runtime = max(measured.fixed_bytes - graph_bytes(bundle, profiled), 0)
+    parts = (("runtime", runtime), ("weights", graph_bytes(bundle, precision)),
+             ("cuda_context", target.cuda_context_bytes), ("tensorrt_workspace", target.tensorrt_workspace_bytes))
+    # A precision without a known width (int8_dynamic runs on CPUs) is planned at fp32 width.
+    slope = int(math.ceil(measured.per_tile_bytes * ACTIVATION_SCALE.get(precision, 1.0) / ACTIVATION_SCALE.get(profiled, 1.0)))
+    return MemoryProfile(sum(b for _, b in parts), slope, measured.measured_on, measured.stage), parts
+
+
 def plan(bundle: Manifest, budget: int | None, height: int, width: int, *,
-         max_batch: int = MAX_TILE_BATCH) -> MemoryPlan:
+         max_batch: int = MAX_TILE_BATCH, target: TargetProfile | None = None,
+         precision: str = "fp32") -> MemoryPlan:
     """The tile (or window) batch for a ``height x width`` image of ``bundle`` under
     ``budget`` bytes (None: the bundle's ``tiling.batch_size``).
 
+    With a ``target``, the plan is for that device's unified memory at ``precision``
+    (module docstring); ``budget`` None is then the target's memory less its OS's share.
+
     Raises MemoryBudgetError when not even one tile (or, for a classifier, one image)
-    fits, naming the minimum, or when ``budget`` exceeds this machine's memory.
+    fits, naming the minimum, or when ``budget`` exceeds this machine's (or the target's) memory.
     """
     from .tiling import make_grid
 
     what = f"a {height}x{width} image"
-    if budget is not None:
+    profile: MemoryProfile | None = bundle.memory
+    parts: tuple[tuple[str, int], ...] = ()
+    if target is not None:
+        profile, parts = device_profile(bundle, target, precision)
+        what += f" on {target.name} at {precision}"
+        usable = target.memory_bytes - (target.os_reserved_bytes or 0) if target.memory_bytes else None
+        if budget is None:
+            budget = usable
+        elif usable is not None and budget > usable:
+            raise MemoryBudgetError(
+                f"memory budget {format_size(budget)} ({budget} bytes) is more than {target.name} leaves to an app "
+                f"({format_size(usable)}: {format_size(target.memory_bytes or 0)} less the OS's "
+                f"{format_size(target.os_reserved_bytes or 0)}). Fix: give memory_budget of at most {format_size(usable)}"
+            )
+    elif budget is not None:
         physical = machine_memory_bytes()
         if physical is not None and budget > physical:
             raise MemoryBudgetError(
@@ -214,7 +294,8 @@ def plan(bundle: Manifest, budget: int | None, height: int, width: int, *,
             )
     stage = bundle.tiled_stage
     if stage is None:
-        return plan_batch(bundle.memory, budget, height * width * 3, 0, default_batch=1, tiles=1, what=what)
+        batch_plan = plan_batch(profile, budget, height * width * 3, 0, default_batch=1, tiles=1, what=what)
+        return _on_target(batch_plan, parts, target, precision)
     if bundle.model.task == "segment":
         tile = bundle.tile_size
         grid = make_grid(height, width, tile, bundle.tiling.overlap)
@@ -227,5 +308,14 @@ def plan(bundle: Manifest, budget: int | None, height: int, width: int, *,
         dim = stage.outputs[0].shape[-1]
         image, acc = window_buffers(height, width, window, rows, cols, dim if isinstance(dim, int) else 1024)
         tiles = rows * cols
-    return plan_batch(bundle.memory, budget, image, acc, default_batch=bundle.tiling.batch_size, tiles=tiles,
-                      max_batch=max_batch, what=what)
+    batch_plan = plan_batch(profile, budget, image, acc, default_batch=bundle.tiling.batch_size, tiles=tiles,
+                            max_batch=max_batch, what=what)
+    return _on_target(batch_plan, parts, target, precision)
+
+
+def _on_target(batch_plan: MemoryPlan, parts: tuple[tuple[str, int], ...], target: TargetProfile | None,
+               precision: str) -> MemoryPlan:
+    if target is None:
+        return batch_plan
+    unmeasured = tuple(t for t in UNMEASURED_TERMS if t in dict(parts) or (t == "os_reserved" and target.os_reserved_bytes))
+    return dataclasses.replace(batch_plan, fixed_parts=parts, unmeasured=unmeasured, target=target.name, precision=precision)

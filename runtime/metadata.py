@@ -5,8 +5,8 @@ is one-hot over its categories plus one slot for "missing"; a numeric field is t
 values, the value scaled to [0, 1] by its range and a missing flag. A missing or
 None value is its own category, never a crash; an unknown category is an error that
 names the field and the allowed values. The bundled schemas ship inside this package
-(``edgederm/runtime/schemas``, read with ``importlib.resources``, so they are found in a
-wheel or a zip alike) and travel inside the bundle's manifest, so the device encodes
+(``edgederm/runtime/schemas``, read from the files next to this module: the runtime runs on
+Python 3.8, which lacks ``importlib.resources.files``) and travel inside the bundle's manifest, so the device encodes
 exactly as training did.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import math
 import numbers
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 
-SCHEMAS = resources.files("edgederm.runtime") / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 
 
 def is_non_finite_number(value: object) -> bool:

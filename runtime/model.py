@@ -42,6 +42,7 @@ from .bundle import Clinical, Manifest, read_manifest, resolve_inside
 from .errors import BundleError, InputError, MissingDependencyError
 from .imageio import DEFAULT_MAX_PIXELS, as_rgb_uint8, read_image_within
 from .memory import MemoryPlan, parse_size, plan
+from .targets import TargetProfile, detect_target, load_target
 from .pipeline import Pipeline, Request
 from .probabilities import softmax
 from .result import Result
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 MIN_IMAGE_SIDE = 8
 MAX_ASPECT_RATIO = 10.0
 PLAN_CACHE_SIZE = 16  # image sizes whose memory plan is kept
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")  # the backends whose memory is a device target's unified memory
 
 
 class DeployedModel:
@@ -69,7 +71,8 @@ class DeployedModel:
     def __init__(self, manifest: Manifest, backend: str = "auto", precision: str = "auto",
                  threads: int | None = None, memory_budget: int | str | None = None,
                  cache: bool = True, plan_image_size: int | tuple[int, int] = 2048,
-                 graph_overrides: Mapping[str, str | os.PathLike[str]] | None = None, key_provider: Any = None) -> None:
+                 graph_overrides: Mapping[str, str | os.PathLike[str]] | None = None, key_provider: Any = None,
+                 target: str | TargetProfile | None = None) -> None:
         self.manifest = manifest
         self.key_provider = key_provider  # decrypts encrypted graphs (runtime/crypto.py)
         self.signature: Any = None  # runtime.signing.SignatureInfo when keys were pinned at load
@@ -100,10 +103,11 @@ class DeployedModel:
         self.load_ms = (time.perf_counter() - start) * 1000
         log.info("loaded %s: backend %s, precision %s (%.0f ms)", manifest.root, self.backend_name, self.precision,
                  self.load_ms)
+        self.target = self._device_target(target)
         self.plan_memory: Callable[[int, int], MemoryPlan] = lru_cache(maxsize=PLAN_CACHE_SIZE)(self._plan)
         self.pipeline = Pipeline(manifest, self.stages, self.plan_memory)
         self.memory_plan: MemoryPlan | None = None
-        if self.memory_budget_bytes is not None:
+        if self.memory_budget_bytes is not None or (self.target is not None and manifest.memory is not None):
             if manifest.memory is None:
                 self._note(f"memory_budget {memory_budget!r} cannot be planned: bundle {manifest.root} has no measured "
                            "memory profile ('memory' in manifest.json); re-export it with this SDK to measure one. "
@@ -171,8 +175,24 @@ class DeployedModel:
         log.warning(message)
         self.notes.append(message)
 
+    def _device_target(self, target: str | TargetProfile | None) -> TargetProfile | None:
+        """The device whose unified memory the plan is for: the one named, else on a Jetson
+        the detected one when the graphs run on its GPU (on its CPU the CPU plan holds)."""
+        if isinstance(target, str):
+            return load_target(target)
+        if target is not None or self.backend_name not in GPU_BACKENDS:
+            return target
+        found = detect_target()
+        if found is not None:
+            log.info("planning memory for %s (detected)", found.name)
+        return found
+
     def _plan(self, height: int, width: int) -> MemoryPlan:
-        """The tile (or window) batch for a ``height x width`` image under the budget."""
+        """The tile (or window) batch for a ``height x width`` image under the budget
+        (on a device target: its unified memory at this precision, runtime/memory.py)."""
+        if self.target is not None and self.manifest.memory is not None:
+            return plan(self.manifest, self.memory_budget_bytes, height, width, target=self.target,
+                        precision=self.precision)
         return plan(self.manifest, self.memory_budget_bytes, height, width)
 
     @property
@@ -318,7 +338,7 @@ def load(bundle: str | os.PathLike[str], backend: str = "auto", precision: str =
          graph_overrides: Mapping[str, str | os.PathLike[str]] | None = None,
          trusted_keys: Sequence[Any] | None = None, key_provider: Any = None,
          audit_log: str | os.PathLike[str] | None = None, audit_fields: Sequence[str] = (),
-         selftest: bool = False) -> DeployedModel:
+         selftest: bool = False, target: str | TargetProfile | None = None) -> DeployedModel:
     """Verify a bundle (hashes, paths) and load its graphs on ``backend``.
 
     ``memory_budget`` ("1.5GiB", "800MB" or bytes; see ``runtime.memory.parse_size``)
@@ -337,6 +357,11 @@ def load(bundle: str | os.PathLike[str], backend: str = "auto", precision: str =
     memory; ``selftest=True`` runs the bundle's golden inputs and refuses outputs
     outside their tolerance; ``audit_log`` appends one hash-chained JSON line per
     prediction, with the metadata fields named in ``audit_fields`` only.
+
+    ``target`` (a profile name from runtime/target_profiles, or a TargetProfile) plans the
+    batch for that device's unified memory (``edgederm plan``; without a budget, the
+    target's memory less its OS's share). Left None, a Jetson running the graphs on its
+    GPU plans for the profile ``targets.detect_target`` finds.
     """
     from .trust import after_load, before_load
 
@@ -344,5 +369,5 @@ def load(bundle: str | os.PathLike[str], backend: str = "auto", precision: str =
     manifest = read_manifest(Path(bundle), verify=verify)
     model = DeployedModel(manifest, backend=backend, precision=precision, threads=threads, memory_budget=memory_budget,
                           cache=cache, plan_image_size=plan_image_size, graph_overrides=graph_overrides,
-                          key_provider=key_provider)
+                          key_provider=key_provider, target=target)
     return after_load(model, signature, selftest=selftest, audit_log=audit_log, audit_fields=audit_fields)

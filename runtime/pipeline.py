@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Dict, Iterator, Mapping
 
 import cv2
 import numpy as np
@@ -48,7 +48,7 @@ from .errors import BundleError, InputError
 from .memory import MemoryPlan
 from .probabilities import tile_probabilities
 
-Recorder = Callable[[str, dict[str, np.ndarray]], None]
+Recorder = Callable[[str, Dict[str, np.ndarray]], None]
 Progress = Callable[[int, int], None]
 Planner = Callable[[int, int], MemoryPlan]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Tuple
 
 from .backends.engines import ENGINE_PRECISIONS
 from .backends.remote import SCHEME as REMOTE_SCHEME
@@ -25,7 +25,7 @@ CPU_REDUCED = ("int8", "int8_dynamic")
 CPU = ("CPUExecutionProvider",)
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
-EngineChoice = tuple[Mapping[str, Mapping[str, Any]] | None, str]  # (engine entry per stage, reason when None)
+EngineChoice = Tuple[Optional[Mapping[str, Mapping[str, Any]]], str]  # (engine entry per stage, reason when None)
 
 
 @dataclass(frozen=True)

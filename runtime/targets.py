@@ -14,6 +14,8 @@ run time and reads the files next to it on disk rather than through
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -21,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .errors import EdgeDermError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "target_profiles"
+TEGRA_RELEASE = "etc/nv_tegra_release"
 
 
 class UnknownTargetError(EdgeDermError, ValueError):
@@ -55,6 +58,12 @@ class TargetProfile:
     onnxruntime: str  # pip specifier of the ONNX Runtime releases that run there
     max_opset: int  # highest default-domain opset the TensorRT parser takes
     parser_table: str  # onnx-tensorrt operator table (TensorRT major.minor) the parser follows
+    # The device memory plan's terms that no bundle measures (runtime/memory.py): memory the OS
+    # keeps (headless), the CUDA context with TensorRT's libraries, and TensorRT's scratch bound.
+    # Figures from the sources named, not measured here.
+    os_reserved_bytes: Optional[int] = None
+    cuda_context_bytes: Optional[int] = None
+    tensorrt_workspace_bytes: Optional[int] = None
     sources: Dict[str, Reference] = field(default_factory=dict)
 
     @property
@@ -92,6 +101,7 @@ def _profile_path(name: str) -> Path:
 def _parse(data: Dict[str, Any], path: Path) -> TargetProfile:
     try:
         device, software, onnx = data["device"], data["software"], data["onnx"]
+        memory_plan = data.get("memory_plan") or {}
         references = {key: Reference(str(ref["title"]), str(ref["url"])) for key, ref in data["references"].items()}
         sources = {fact: references[ref_id] for fact, ref_id in data["sources"].items()}
         return TargetProfile(
@@ -104,6 +114,8 @@ def _parse(data: Dict[str, Any], path: Path) -> TargetProfile:
             tensorrt=str(software["tensorrt"]), cuda=str(software["cuda"]), python=str(software["python"]),
             onnxruntime=str(software["onnxruntime"]),
             max_opset=int(onnx["max_opset"]), parser_table=str(onnx["parser_table"]),
+            os_reserved_bytes=memory_plan.get("os_reserved_bytes"), cuda_context_bytes=memory_plan.get("cuda_context_bytes"),
+            tensorrt_workspace_bytes=memory_plan.get("tensorrt_workspace_bytes"),
             sources=sources,
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -122,3 +134,58 @@ def load_target(name: str) -> TargetProfile:
 
 def all_targets() -> List[TargetProfile]:
     return [load_target(name) for name in target_names()]
+
+
+@dataclass(frozen=True)
+class L4tRelease:
+    """A Jetson Linux release as ``/etc/nv_tegra_release`` states it: ``# R35 (release), REVISION: 4.1, ...``."""
+
+    major: int
+    revision: str
+    board: str = ""
+
+    @property
+    def version(self) -> str:
+        return f"{self.major}.{self.revision}"
+
+
+def parse_tegra_release(text: str) -> Optional[L4tRelease]:
+    match = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
+    if match is None:
+        return None
+    board = re.search(r"BOARD:\s*([^,\s]+)", text)
+    return L4tRelease(int(match.group(1)), match.group(2).rstrip("."), board.group(1) if board else "")
+
+
+def read_l4t_release(root: "str | os.PathLike[str]" = "/") -> Optional[L4tRelease]:
+    """This machine's Jetson Linux release (None: not a Jetson)."""
+    try:
+        text = (Path(root) / TEGRA_RELEASE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return parse_tegra_release(text)
+
+
+def detect_target(root: "str | os.PathLike[str]" = "/", memory_total_bytes: Optional[int] = None) -> Optional[TargetProfile]:
+    """The profile of the Jetson this runs on: its Jetson Linux line, and among those the
+    smallest module whose memory holds what the kernel reports (a module reports less than
+    its DRAM: the carve-outs). None off a Jetson, or when two modules of that size share
+    the release line and nothing here tells them apart."""
+    release = read_l4t_release(root)
+    if release is None:
+        return None
+    if memory_total_bytes is None:
+        try:
+            meminfo = (Path(root) / "proc/meminfo").read_text(encoding="utf-8", errors="replace")
+            found = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo, re.M)
+            memory_total_bytes = int(found.group(1)) * 1024 if found else None
+        except OSError:
+            pass
+    candidates = [t for t in all_targets() if t.jetson and t.l4t_matches(release.version)]
+    if memory_total_bytes is not None:
+        candidates = [t for t in candidates if t.memory_bytes is None or t.memory_bytes >= memory_total_bytes]
+    if not candidates:
+        return None
+    smallest = min(t.memory_bytes or 0 for t in candidates)
+    fits = [t for t in candidates if (t.memory_bytes or 0) == smallest]
+    return fits[0] if len(fits) == 1 else None

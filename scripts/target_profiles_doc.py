@@ -27,6 +27,12 @@ FACTS = [  # (fact key in the profile's sources, label, value)
     ("software.cuda", "CUDA", lambda t: t.cuda),
     ("software.python", "Python", lambda t: t.python),
     ("software.onnxruntime", "ONNX Runtime", lambda t: t.onnxruntime),
+    ("memory_plan.os_reserved_bytes", "memory plan: OS, headless (not measured here)",
+     lambda t: f"{t.os_reserved_bytes / 2**20:.0f} MiB" if t.os_reserved_bytes else None),
+    ("memory_plan.cuda_context_bytes", "memory plan: CUDA context and TensorRT libraries (not measured here)",
+     lambda t: f"{t.cuda_context_bytes / 2**20:.0f} MiB" if t.cuda_context_bytes else None),
+    ("memory_plan.tensorrt_workspace_bytes", "memory plan: TensorRT scratch bound (workspace)",
+     lambda t: f"{t.tensorrt_workspace_bytes / 2**20:.0f} MiB" if t.tensorrt_workspace_bytes else None),
     ("onnx.max_opset", "highest ONNX opset of the TensorRT parser", lambda t: t.max_opset),
     ("onnx.parser_table", "operator table (export/parser_tables)", lambda t: f"tensorrt-{t.parser_table}.json"),
 ]

@@ -20,8 +20,8 @@ def test_required_targets_exist():
 @pytest.mark.parametrize("name", target_names())
 def test_every_stated_fact_has_a_source(name):
     data = json.loads((PROFILE_DIR / f"{name}.json").read_text())
-    stated = {f"{section}.{key}" for section in ("device", "software", "onnx") for key, value in data[section].items()
-              if value not in (None, [], "") and key != "jetson"}
+    stated = {f"{section}.{key}" for section in ("device", "software", "onnx", "memory_plan")
+              for key, value in data[section].items() if value not in (None, [], "") and key not in ("jetson", "measured")}
     assert stated - set(data["sources"]) == set(), "facts without a source"
     assert set(data["sources"].values()) <= set(data["references"]), "a source id without a reference"
     for ref in data["references"].values():
@@ -83,3 +83,23 @@ def test_docs_list_every_profile_fact_and_source():
     for profile in all_targets():
         assert f"## {profile.name}" in text
         assert all(ref.url in text for ref in profile.sources.values())
+
+
+@pytest.mark.parametrize("release, expected", [
+    ("r35.4.1-orin-nano-4gb", "jetson-orin-nano-4gb-jp5"),
+    ("r36.3.0-orin-nx-8gb", "jetson-orin-nx-jp60"),
+    ("r36.4.3-agx-orin-32gb", "jetson-agx-orin-jp6"),
+    ("r36.4.0-orin-nano-8gb", None),  # Orin Nano 8GB and Orin NX 8GB share R36.4 and 8 GiB: not told apart
+    ("r32.7.1-jetson-nano", None),  # JetPack 4: no profile
+])
+def test_detect_target_from_recorded_device_files(release, expected):
+    from edgederm.runtime.targets import detect_target
+
+    found = detect_target(Path(__file__).resolve().parents[1] / "recorded" / "jetson" / release)
+    assert (found.name if found else None) == expected
+
+
+def test_no_target_off_a_jetson(tmp_path):
+    from edgederm.runtime.targets import detect_target
+
+    assert detect_target(tmp_path) is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import cv2
 import numpy as np
@@ -12,7 +13,7 @@ from edgederm.data.synthetic.plan import MELANOMA, NEVUS, THETA, Plan, outline_r
 # Long side, in pixels, at which the smooth fields are rendered before resizing up.
 _SMOOTH_MAX_SIDE = 512
 _SMOOTH_MIN_SHORT_SIDE = 128
-Box = tuple[int, int, int, int]  # y0, y1, x0, x1
+Box = Tuple[int, int, int, int]  # y0, y1, x0, x1
 
 
 def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
