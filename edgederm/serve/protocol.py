@@ -46,7 +46,8 @@ import numpy as np
 
 from edgederm.runtime.bundle import Stage, TensorSpec
 from edgederm.runtime.errors import EdgeDermError, InputError, MemoryBudgetError
-from edgederm.runtime.imageio import SUPPORTED_FORMATS, decode_image, read_header
+from edgederm.runtime.imageheader import read_header
+from edgederm.runtime.imageio import SUPPORTED_FORMATS, decode_image
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ import numpy as np
 import pytest
 
 from edgederm.runtime.errors import BundleError, EdgeDermError, ImageDecodeError, ImageTooLargeError, InputError
-from edgederm.runtime.imageio import (DEFAULT_MAX_PIXELS, as_rgb_uint8, decode_bytes_needed, decode_image, read_header,
-                                      read_image, read_image_within)
+from edgederm.runtime.imageheader import read_header
+from edgederm.runtime.imageio import (DEFAULT_MAX_PIXELS, as_rgb_uint8, decode_bytes_needed, decode_image, read_image,
+                                      read_image_within)
 from edgederm.runtime.metadata import is_non_finite_number, load_schema
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal, "setitimer"),
