@@ -164,16 +164,21 @@ class DeployedModel:
         if "fp32" not in available or not candidates:
             return choice
 
+        hits: dict[str, dict[str, bool]] = {}
+
         def open_stages(precision: str) -> dict[str, Backend]:
             if precision not in opened:
                 variant = dataclasses.replace(choice, precision=precision)
+                self.cache_hits = {}
                 opened[precision] = {s.name: self._open_stage(s.name, variant, threads, cache, None)
                                      for s in self.manifest.stages}
+                hits[precision] = self.cache_hits
             return opened[precision]
 
         speedups, source = cpu_speedups(self.manifest, candidates, threads, cache_dir() if cache else None,
                                         open_stages, self._plan)
         chosen = fastest_measured_on_cpu(self.manifest, available, speedups) or choice.precision
+        self.cache_hits = hits.get(chosen, {})  # the graphs that will run, not the last ones measured
         note = auto_precision_note(self.manifest, chosen, speedups, source)
         log.info(note)
         self.notes.append(note)
