@@ -159,5 +159,6 @@ def test_load_on_another_cpu_measures_and_says_so(tiny_bundle, tmp_path, monkeyp
     second = load(tiny_bundle)
     assert second.precision == first.precision
     assert any("measured on this CPU earlier" in n for n in second.notes)
+    assert first.cache_hits == {"classifier": False} and second.cache_hits == {"classifier": True}
     result = second.predict(dermoscopy=np.zeros((64, 64, 3), np.uint8))
     assert any(n.startswith("precision auto:") for n in result.notes)
