@@ -90,12 +90,15 @@ class _Evaluator:
             self._images[path] = read_image(path)
         return self._images[path]
 
-    def predict(self, cases: list[Case], graphs: dict[str, str] | None) -> list[Any]:
-        """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32)."""
+    def _model(self, graphs: dict[str, str] | None) -> Any:
         from edgederm.runtime.model import DeployedModel
 
-        model = DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
-                              threads=self.threads, cache=False, graph_overrides=graphs)
+        return DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
+                             threads=self.threads, cache=False, graph_overrides=graphs)
+
+    def predict(self, cases: list[Case], graphs: dict[str, str] | None) -> list[Any]:
+        """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32)."""
+        model = self._model(graphs)
         results = []
         self.logits = []
         for case in cases:
@@ -105,6 +108,12 @@ class _Evaluator:
             if "logits" in model.last_run:
                 self.logits.append(model.last_run["logits"])
         return results
+
+    def runner(self, case: Case, graphs: dict[str, str] | None) -> Callable[[], object]:
+        """One prediction of ``case`` with ``graphs`` (None: fp32), for timing."""
+        model = self._model(graphs)
+        request = self.inputs.request(case, self._image(case.image), self._image)
+        return lambda: model.predict(dermoscopy=request.dermoscopy, clinical=request.clinical, metadata=request.metadata)
 
     def refitted(self, cases: list[Case], graphs: dict[str, str]) -> tuple[list[Any], dict[str, float], dict[str, Any]]:
         """Results of ``graphs`` on labelled ``cases`` with their own refitted temperature and
@@ -365,7 +374,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         say(f"  {precision} refitted on {len(eval_cases)} labelled images: temperature "
             f"{clinical_report['temperature_fp32']:.3f} -> {clinical_report['temperature']:.3f}, ECE "
             f"{clinical_report['ece_before']:.4f} -> {clinical_report['ece_after']:.4f} (fp32 {clinical_report['ece_fp32']:.4f})")
-    latency = _latency(fp32_results, quant_results, precision, threads)
+    latency = _latency(evaluator, eval_cases, staged, precision, threads)
 
     entry: dict[str, Any] = {"precision": precision}
     if settings is not None:
@@ -503,22 +512,24 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _latency(fp32_results: list[Any], quant_results: list[Any], precision: str, threads: int) -> dict[str, Any]:
-    """Median per-image model time (the runtime's "inference" timing: graphs only, no decode
-    or preprocessing) of the fidelity pass, fp32 and ``precision`` on this machine's CPU.
-
-    ``precision="auto"`` on CPU uses the ratio (runtime/model.py): reduced precision is
-    not always faster on a CPU (small models: quantize/dequantize overhead dominates).
-    """
+def _latency(evaluator: _Evaluator, cases: list[Case], graphs: dict[str, str], precision: str,
+             threads: int) -> dict[str, Any]:
+    """Median per-image time of fp32 and ``precision`` on this machine's CPU, the two
+    alternated in rounds on the first evaluation image (runtime/latency.py), with this
+    CPU's identity: ``precision="auto"`` on CPU uses the ratio when it loads on the same
+    CPU and measures again on any other (reduced precision is not always faster on a
+    CPU: small models spend their time in quantize/dequantize)."""
     import platform
 
-    def median_ms(results: list[Any]) -> float:
-        return round(float(np.median([r.timings.get("inference", r.timings["total"]) for r in results])), 3)
+    from edgederm.runtime.backends.onnxruntime import cpu_identity
+    from edgederm.runtime.latency import interleaved_medians
 
-    fp32_ms, quant_ms = median_ms(fp32_results), median_ms(quant_results)
-    return {"backend": "onnxruntime-cpu", "threads": threads, "images": len(fp32_results),
+    measured = interleaved_medians({"fp32": evaluator.runner(cases[0], None),
+                                    precision: evaluator.runner(cases[0], graphs)})
+    fp32_ms, quant_ms = measured.ms["fp32"], measured.ms[precision]
+    return {"backend": "onnxruntime-cpu", "threads": threads, "rounds": measured.rounds, "cpu": cpu_identity(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "fp32_ms": fp32_ms, "ms": quant_ms, "speedup": round(fp32_ms / quant_ms, 3) if quant_ms > 0 else None}
+            "fp32_ms": fp32_ms, "ms": quant_ms, "speedup": measured.speedups().get(precision)}
 
 
 def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
@@ -534,7 +545,7 @@ def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
     latency = report.get("latency")
     if latency:
         say(f"  CPU inference per image    fp32 {latency['fp32_ms']:.1f} ms, {report['precision']} {latency['ms']:.1f} ms "
-            f"({latency['speedup']}x; ONNX Runtime, {latency['threads']} threads, median of {latency['images']})")
+            f"({latency['speedup']}x; ONNX Runtime, {latency['threads']} threads, median of {latency['rounds']} interleaved rounds)")
     gate = report.get("gate")
     if gate:
         say(f"  gate {'reached' if gate['reached'] else 'NOT reached'} with {len(gate['nodes_kept_float'])} node(s) "

@@ -94,9 +94,17 @@ class DeployedModel:
         self.notes: list[str] = list(choice.notes)
         for note in choice.notes:
             log.warning(note)
+        opened: dict[str, dict[str, Backend]] = {}
+        if precision == "auto" and engine_backends is None and not graph_overrides \
+                and choice.backend == "onnxruntime-cpu":
+            choice = self._measured_cpu_precision(choice, threads, cache, opened)
+            self.precision = choice.precision
+            self.clinical = manifest.clinical.for_precision(self.precision)
         self.stages: dict[str, Backend]
         if engine_backends is not None:
             self.stages = dict(engine_backends)
+        elif choice.precision in opened:
+            self.stages = opened[choice.precision]
         else:
             self.stages = {s.name: self._open_stage(s.name, choice, threads, cache, graph_overrides)
                            for s in manifest.stages}
@@ -145,6 +153,40 @@ class DeployedModel:
         # The override graphs are the precision's; the manifest may not list it yet.
         return dataclasses.replace(choose(self.manifest, backend, "fp32", available_providers(), engines),
                                    precision=precision), None
+
+    def _measured_cpu_precision(self, choice: Choice, threads: int | None, cache: bool,
+                                opened: dict[str, dict[str, Backend]]) -> Choice:
+        """``precision="auto"`` on a CPU: choose by the speed-ups measured on this CPU
+        (runtime/latency.py) and say so in the notes; the graphs it opened to measure
+        are left in ``opened`` (precision -> stage backends) for reuse."""
+        from .backends.onnxruntime import cache_dir
+        from .latency import cpu_speedups
+        from .selection import CPU_REDUCED, auto_precision_note, fastest_measured_on_cpu
+
+        available = self.manifest.precisions()
+        candidates = [p for p in CPU_REDUCED if p in available]
+        if "fp32" not in available or not candidates:
+            return choice
+
+        hits: dict[str, dict[str, bool]] = {}
+
+        def open_stages(precision: str) -> dict[str, Backend]:
+            if precision not in opened:
+                variant = dataclasses.replace(choice, precision=precision)
+                self.cache_hits = {}
+                opened[precision] = {s.name: self._open_stage(s.name, variant, threads, cache, None)
+                                     for s in self.manifest.stages}
+                hits[precision] = self.cache_hits
+            return opened[precision]
+
+        speedups, source = cpu_speedups(self.manifest, candidates, threads, cache_dir() if cache else None,
+                                        open_stages, self._plan)
+        chosen = fastest_measured_on_cpu(self.manifest, available, speedups) or choice.precision
+        self.cache_hits = hits.get(chosen, {})  # the graphs that will run, not the last ones measured
+        note = auto_precision_note(self.manifest, chosen, speedups, source)
+        log.info(note)
+        self.notes.append(note)
+        return dataclasses.replace(choice, precision=chosen)
 
     def _open_stage(self, name: str, choice: Choice, threads: int | None, cache: bool,
                     overrides: Mapping[str, str | os.PathLike[str]] | None) -> Backend:

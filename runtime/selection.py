@@ -5,7 +5,7 @@ the notes that explain every fallback.
 Order for ``backend="auto"``: TensorRT engines (checked against the device) >
 ONNX Runtime CUDA > ONNX Runtime CPU. ``precision="auto"``: the engines' precision
 on TensorRT; on a GPU provider fp16 > int8 > fp32; on a CPU the measured speed-up
-(see :func:`fastest_measured_on_cpu`), else int8 > int8_dynamic > fp32.
+(see :func:`fastest_measured_on_cpu`; measured at load by runtime/latency.py), else int8 > int8_dynamic > fp32.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 CPU_REDUCED = ("int8", "int8_dynamic")
+SPEEDUP_MARGIN = 1.05  # a reduced precision must beat fp32 by more than this (median) to be chosen
 CPU = ("CPUExecutionProvider",)
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -71,7 +72,8 @@ def choose(bundle: Manifest, backend: str, precision: str, providers_available: 
     return Choice("onnxruntime-cpu", CPU, choose_precision(bundle, precision, "cpu"), notes=tuple(notes))
 
 
-def choose_precision(bundle: Manifest, precision: str, device: str) -> str:
+def choose_precision(bundle: Manifest, precision: str, device: str,
+                     cpu_speedups: Mapping[str, float] | None = None) -> str:
     available = bundle.precisions()
     if precision != "auto":
         if precision not in available:
@@ -81,29 +83,49 @@ def choose_precision(bundle: Manifest, precision: str, device: str) -> str:
             )
         return precision
     if device == "cpu":
-        measured = fastest_measured_on_cpu(bundle, available)
+        measured = fastest_measured_on_cpu(bundle, available, cpu_speedups)
         if measured is not None:
             return measured
     preferred = ("fp16", "int8", "fp32") if device != "cpu" else ("int8", "int8_dynamic", "fp32")
     return next((p for p in preferred if p in available), available[0])
 
 
-def fastest_measured_on_cpu(bundle: Manifest, available: list[str]) -> str | None:
-    """``precision="auto"`` on CPU: the graph with the best speed-up over fp32 that
-    ``edgederm quantize`` measured (calibration[p]["latency"], fp32 and p timed in one
-    run), among those that met their agreement target; fp32 when none is faster.
+def fastest_measured_on_cpu(bundle: Manifest, available: list[str],
+                            speedups: Mapping[str, float] | None = None) -> str | None:
+    """``precision="auto"`` on CPU: the graph with the best median speed-up over fp32,
+    among those that met their agreement target and beat fp32 by more than
+    :data:`SPEEDUP_MARGIN`; fp32 when none does.
 
     Why: on a CPU, INT8 is not always faster (small models spend their time in
-    quantize/dequantize). None when a CPU graph of the bundle has no measurement:
+    quantize/dequantize), and a few percent is within what load moves. ``speedups``:
+    measured on this CPU (runtime/latency.py); without it, those ``edgederm quantize``
+    recorded (calibration[p]["latency"]). None when a CPU graph has no measurement:
     the fixed order applies.
     """
     present = [p for p in CPU_REDUCED if p in available]
-    entries = {p: bundle.calibration.get(p) or {} for p in present}
-    if not present or any((e.get("latency") or {}).get("speedup") is None for e in entries.values()):
+    if speedups is None:
+        recorded = {p: ((bundle.calibration.get(p) or {}).get("latency") or {}).get("speedup") for p in present}
+        speedups = {p: float(v) for p, v in recorded.items() if v is not None}
+    if not present or any(p not in speedups for p in present):
         return None
-    speedups = {p: float(e["latency"]["speedup"]) for p, e in entries.items()
-                if (e.get("target") or {}).get("reached") is not False}
-    best = max(speedups, key=lambda p: speedups[p], default=None)
-    choice = best if best is not None and speedups[best] > 1.0 else "fp32"
-    log.info("precision auto on CPU: %s (speed-up over fp32 measured at quantize time: %s)", choice, speedups)
+    choice = "fp32"
+    eligible = [p for p in present if met_target(bundle, p) and speedups[p] > SPEEDUP_MARGIN]
+    if eligible:
+        choice = max(eligible, key=lambda p: speedups[p])
+    log.info("precision auto on CPU: %s (speed-up over fp32: %s)", choice, dict(speedups))
     return choice
+
+
+def met_target(bundle: Manifest, precision: str) -> bool:
+    """False only when quantize recorded that ``precision`` missed its agreement target."""
+    return ((bundle.calibration.get(precision) or {}).get("target") or {}).get("reached") is not False
+
+
+def auto_precision_note(bundle: Manifest, choice: str, speedups: Mapping[str, float], source: str) -> str:
+    """What ``precision="auto"`` measured on this CPU and why it chose ``choice``."""
+    parts = []
+    for p, x in speedups.items():
+        why = "" if p == choice else (" missed its agreement target" if not met_target(bundle, p) else
+                                      f" not above the {SPEEDUP_MARGIN} margin" if x <= SPEEDUP_MARGIN else "")
+        parts.append(f"{p} {x:.2f}x{why}")
+    return f"precision auto: {choice} ({', '.join(parts)} vs fp32; {source})"

@@ -154,11 +154,11 @@ def cpu_identity() -> str:
 def optimized_cache_key(graph_sha256: str, ort_version: str, providers: list[str], threads: int | None) -> str:
     """Everything that changes an optimised graph: the verified bytes of the source graph
     (never a manifest's claim), ONNX Runtime, providers, session options and the CPU."""
-    text = "|".join([graph_sha256, ort_version, ",".join(providers), _session_options_id(threads), cpu_identity()])
+    text = "|".join([graph_sha256, ort_version, ",".join(providers), session_options_id(threads), cpu_identity()])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _session_options_id(threads: int | None) -> str:
+def session_options_id(threads: int | None) -> str:
     return f"opt=all;arena=same_as_requested;threads={threads or min(2, os.cpu_count() or 1)}"
 
 
@@ -205,7 +205,7 @@ def open_cached(graph: Path | bytes, graph_sha256: str | None, providers: list[s
         del writer
         digest = sha256_file(tmp)
         write_json_atomic(sidecar, {"sha256": digest, "graph_sha256": source_sha, "onnxruntime": ort.__version__,
-                                    "providers": providers, "options": _session_options_id(threads)})
+                                    "providers": providers, "options": session_options_id(threads)})
         os.replace(tmp, cached)
         return session(cached, optimize=False), False
     except OSError as exc:
