@@ -35,6 +35,7 @@ def test_flops_are_counted_from_the_graph(segmenter_bundle):
     assert flops == 2 * 64 * 64 * (8 * 3 * 9 + 2 * 8 * 9)
 
 
+@pytest.mark.slow
 def test_bench_against_torch_and_monai_on_the_same_weights(segmenter_bundle, tmp_path, record_property):
     pytest.importorskip("monai")
     config = BenchConfig(bundle=segmenter_bundle, sizes=[200], torch_model="tests.tiny_models:ConvSegmenter",

@@ -166,6 +166,7 @@ def test_segmenter_bundle_tiles_dice_hd95(tmp_path, synthetic_data, record_prope
     assert int8.predict(image).mask.shape == image.shape[:2]
 
 
+@pytest.mark.slow
 def test_metadata_bundle_every_precision(tmp_path, synthetic_data, record_property):
     bundle = _bundle(MicroMetadata, tmp_path / "meta")
     reports = {p: _quantize(bundle, synthetic_data, max_images=12, precision=p) for p in ("int8", "fp16", "int8_dynamic")}
@@ -190,6 +191,7 @@ def test_metadata_bundle_every_precision(tmp_path, synthetic_data, record_proper
         assert result.precision == precision and abs(sum(result.probabilities.values()) - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_windowed_two_stage_bundle(tmp_path, synthetic_data):
     bundle = _bundle(MicroWindowed, tmp_path / "win")
     report = _quantize(bundle, synthetic_data, max_images=8)

@@ -60,6 +60,7 @@ def test_forward_backward_finite(model):
     model.eval()
 
 
+@pytest.mark.slow
 def test_export_parity_and_int8(model, tmp_path, record_property):
     from edgederm.calibration.graphs import quantize_dynamic_graph
     from edgederm.calibration.quantize import quantize_graph

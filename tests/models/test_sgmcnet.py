@@ -136,6 +136,7 @@ def test_training_loss_runs_at_batch_one_in_train_mode(tiny):
     loss.backward()
 
 
+@pytest.mark.slow
 def test_projection_heads_absent_from_exported_graph(tiny, tmp_path):
     onnx = pytest.importorskip("onnx")
     from edgederm.export.onnx import export_stage_onnx

@@ -69,6 +69,7 @@ def test_unknown_precision_names_the_fix(tiny_bundle):
         load(tiny_bundle, precision="fp16")
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing_that_loads(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     from edgederm.export import bundle as bundle_mod

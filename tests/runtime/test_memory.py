@@ -113,6 +113,7 @@ def _measure(bundle, side: int, budget: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_peak_memory_is_flat_from_2048_to_8192_and_under_the_budget(big_tile_bundle, record_property):
     mib = 2**20
     # Same tile batch (the bundle's) at both sizes, so only the image size differs.

@@ -62,6 +62,7 @@ def data(tmp_path_factory):
     return read_image_folder(root, PreprocessConfig(input_size=(SIZE, SIZE)))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(data, tmp_path, record_property):
     import torch.multiprocessing as mp
 
@@ -87,6 +88,7 @@ def test_two_gloo_processes_match_one_process(data, tmp_path, record_property):
     assert json.loads((tmp_path / "ckpt" / "training_state" / "state.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_runs_the_trainer_module(tmp_path, record_property):
     """`torchrun --standalone --nproc_per_node=2 -m edgederm.train ...` end to end on a registered model."""
     from edgederm.data.synthetic import generate_dataset
