@@ -862,9 +862,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands whose library warnings are also in their result (Result.notes): held until
-# the answer is printed and dropped with a refusal, so a refusal is one stderr line.
-_DEFERRED_WARNINGS = ("predict",)
+# Short device-side commands: their library warnings are held until the answer is
+# printed (predict's are also in Result.notes) and dropped with a refusal, so a refusal
+# is one stderr line. Long release-side work (train, export, quantize ...) logs live.
+_DEFERRED_WARNINGS = ("predict", "verify", "selftest", "store", "audit", "encrypt", "sign", "plan", "lint")
 
 
 @contextlib.contextmanager
