@@ -282,7 +282,7 @@ def run_benchmark(out_dir: str | os.PathLike[str] | None = None, *, batch: int =
         say(f"    agreement {row['agreement']:.4f}, cosine {row['cosine_mean']:.5f} (min {row['cosine_min']:.5f})")
     # Timing round robin in blocks: per round, each variant runs one untimed batch (its
     # weights back into cache, the previous variant's spinning ORT threads gone quiet)
-    # then ``per_block`` timed ones. A change in the load of this shared machine hits
+    # then ``per_block`` timed ones. A change in the machine's load from other work hits
     # every variant alike; the median per variant is kept. With one batch per variant
     # per round (17 sessions resident) the same graphs measured int8_dynamic 1.88x fp32
     # instead of 2.29x: each run started from caches the other sessions had evicted,
