@@ -213,7 +213,8 @@ def int8_form(target_class: str) -> Int8Form:
     if target_class in SATURATING:
         return Int8Form(target_class, True, f"{target_class} CPUs sum u8 x s8 pairs in saturating 16-bit lanes "
                                             f"(2 x 255 x 127 > 32767); weights within +-{SATURATION_FREE_WEIGHT} "
-                                            f"cannot saturate (2 x 255 x {SATURATION_FREE_WEIGHT} = 32640)")
+                                            f"cannot saturate (2 x 255 x {SATURATION_FREE_WEIGHT} = 32640); ONNX Runtime's advice for "
+                                            "x86 without VNNI (docs/int8-and-cpus.md)")
     if target_class in UNKNOWN:
         return Int8Form(target_class, True, "the CPU's int8 kernels are unknown here, so the form that cannot "
                                             "saturate on any of them (weights within +-64)")
