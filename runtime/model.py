@@ -112,8 +112,8 @@ class DeployedModel:
             from .backends.onnxruntime import cache_dir
             from .cpu_check import require_trusted
 
-            note = require_trusted(manifest, self.precision, self.stages, cache_dir() if cache else None)
-            self.notes += [note] if note else []
+            recheck = require_trusted(manifest, self.precision, self.stages, cache_dir() if cache else None)
+            self.notes += [recheck] if recheck else []
         self.load_ms = (time.perf_counter() - start) * 1000
         log.info("loaded %s: backend %s, precision %s (%.0f ms)", manifest.root, self.backend_name, self.precision,
                  self.load_ms)
