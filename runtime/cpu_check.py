@@ -29,7 +29,6 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -37,7 +36,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from .backends.base import Backend
-from .bundle import Manifest, write_bytes_atomic
+from .bundle import Manifest
+from .cache_entry import read_entry, write_entry
 from .cpu import CpuFeatures, arithmetic_differs, this_cpu
 from .errors import CpuMismatchError
 from .selftest import check_goldens, has_goldens
@@ -150,28 +150,13 @@ def _cache_key(manifest: Manifest, precision: str, cpu: CpuFeatures) -> str | No
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _checksum(key: str, passed: bool, detail: str) -> str:
-    return hashlib.sha256(json.dumps([key, passed, detail]).encode()).hexdigest()
-
-
 def _read_cached(folder: Path, key: str) -> tuple[bool, str] | None:
-    path = Path(folder) / f"cpucheck-{key}.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        passed, detail = bool(data["passed"]), str(data["detail"])
-        if data["key"] == key and data["sha256"] == _checksum(key, passed, detail):
-            return passed, detail
-        log.warning("CPU re-check cache %s does not match its checksum; checking again", path)
-    except FileNotFoundError:
+    fields = read_entry(Path(folder) / f"cpucheck-{key}.json", key, "CPU re-check cache", "checking again")
+    if fields is None or not isinstance(fields.get("passed"), bool):
         return None
-    except Exception as exc:  # a damaged cache never stops a load: check again
-        log.warning("CPU re-check cache %s unusable (%s); checking again", path, exc)
-    return None
+    return fields["passed"], str(fields.get("detail", ""))
 
 
 def _write_cached(folder: Path, key: str, passed: bool, detail: str) -> None:
-    data = {"key": key, "passed": passed, "detail": detail, "sha256": _checksum(key, passed, detail)}
-    try:
-        write_bytes_atomic(Path(folder) / f"cpucheck-{key}.json", json.dumps(data, sort_keys=True).encode())
-    except OSError as exc:
-        log.warning("CPU re-check cache not written to %s (%s); set EDGEDERM_CACHE", folder, exc)
+    write_entry(Path(folder) / f"cpucheck-{key}.json", {"key": key, "passed": passed, "detail": detail},
+                "CPU re-check cache")
