@@ -36,7 +36,7 @@ import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Mapping, Optional, Tuple
 
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -72,7 +72,7 @@ def normalise_arch(machine: str) -> str:
     return _ARCH_ALIASES.get(lowered, lowered or "unknown")
 
 
-def kernel_class(arch: str, features: FrozenSet[str] | set[str] | Tuple[str, ...]) -> str:
+def kernel_class(arch: str, features: Iterable[str]) -> str:
     """The int8 kernel class (:data:`KERNEL_CLASSES`) of a CPU with these features."""
     flags = set(features)
     arch = normalise_arch(arch)

@@ -327,3 +327,17 @@ def test_why_avx2_needs_7_bit_weights(tmp_path, record_property):
                             f"{saturated[False]} of {(k // 2) * n} at the calibrated maximum, max change "
                             f"{float(np.abs(changed).max()):.3g} (output max {float(np.abs(expected).max()):.3g}); "
                             f"{natural} of {(k // 2) * n * len(rows)} on the calibration rows")
+
+
+def test_cli_for_cpu(tmp_path, write_mini_bundle, calib, capsys):
+    from edgederm.cli import main as cli_main
+
+    bundle = write_mini_bundle(tmp_path / "bundle")
+    assert cli_main(["quantize", str(bundle), "--calib", str(calib), "--for-cpu", "avx2", "--no-fallback",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu"]["made_for"] == "avx2" and report["cpu"]["saturation_free"] is True
+    assert max(int(np.abs(w).max()) for w in _int8_weights(bundle / _graph(bundle, "int8")["file"])) == 64
+    with pytest.raises(SystemExit):
+        cli_main(["quantize", str(bundle), "--calib", str(calib), "--for-cpu", "avx3"])
+    assert "invalid choice: 'avx3'" in capsys.readouterr().err
