@@ -213,7 +213,8 @@ def diagnose(bundle: str | os.PathLike[str] | None = None, target: Optional[str]
         "python": facts.python,
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu_cores": os.cpu_count(),
-        "cpu_features": " ".join(cpu.int8_features) or "unknown (no /proc/cpuinfo)",
+        "cpu_features": " ".join(cpu.int8_features) or
+                        ("unknown (no /proc/cpuinfo)" if cpu.source == "platform" else "none of the int8-relevant ones"),
         "int8_kernel_class": f"{cpu.kernel_class}: {DESCRIPTIONS[cpu.kernel_class]}",
         "memory": "unknown" if facts.memory_total_bytes is None else
                   f"{_gib(facts.memory_total_bytes)} total, {_gib(facts.memory_available_bytes or 0)} available",
