@@ -195,10 +195,6 @@ class Int8Form:
     reduce_range: bool  # weights within +-64 (ONNX Runtime's reduce_range), so no u8 x s8 pair saturates
     reason: str
 
-    @property
-    def name(self) -> str:
-        return "u8s8, 7-bit weights (reduce_range)" if self.reduce_range else "u8s8, 8-bit weights"
-
 
 def int8_form(target_class: str) -> Int8Form:
     """The INT8 form for CPUs of ``target_class`` (docs/int8-and-cpus.md states the sources).
