@@ -68,6 +68,7 @@ import numpy as np
 
 from .errors import InputError
 from .imageio import as_rgb_uint8
+from .timings import Timings, timed
 
 __all__ = [
     "RESIZE_POLICIES",
@@ -567,17 +568,21 @@ def normalize(
 
 
 def _prepare_uint8(image: np.ndarray, config: PreprocessConfig, stats: ColorStats | None,
-                   name: str) -> np.ndarray:
+                   name: str, timings: Timings | None = None) -> np.ndarray:
     """Steps 1-3 of the pipeline: uint8 HxWx3 at the model's input size."""
     image = as_rgb_uint8(image, name)
     if config.color_constancy != "none":
         if stats is None:
-            stats = color_stats(image)
-        image = apply_color_constancy(image, config.color_constancy, stats,
-                                      config.gwsd_target_mean, config.gwsd_target_std)
+            with timed(timings, "color_stats"):
+                stats = color_stats(image)
+        with timed(timings, "color_constancy"):
+            image = apply_color_constancy(image, config.color_constancy, stats,
+                                          config.gwsd_target_mean, config.gwsd_target_std)
     if config.hair_removal:
-        image = remove_hair(image)
-    return resize_image(image, config.input_size, config.resize, config.crop_fraction)
+        with timed(timings, "hair_removal"):
+            image = remove_hair(image)
+    with timed(timings, "resize"):
+        return resize_image(image, config.input_size, config.resize, config.crop_fraction)
 
 
 def _check_config(config: object) -> PreprocessConfig:
@@ -589,28 +594,32 @@ def _check_config(config: object) -> PreprocessConfig:
 
 
 def preprocess(image_uint8: np.ndarray, config: PreprocessConfig,
-               stats: ColorStats | None = None) -> np.ndarray:
+               stats: ColorStats | None = None, timings: Timings | None = None) -> np.ndarray:
     """One image -> float32 3xHxW model input.
 
     Colour constancy (whole-image ``stats``; computed from ``image_uint8`` when
     None; pass the statistics of the whole image when ``image_uint8`` is a tile),
-    hair removal, resize, normalise.
+    hair removal, resize, normalise. ``timings`` (optional) gains each step's
+    milliseconds under the names of runtime/timings.py.
     """
     config = _check_config(config)
-    prepared = _prepare_uint8(image_uint8, config, stats, "image")
-    return normalize(prepared, config.mean, config.std)
+    prepared = _prepare_uint8(image_uint8, config, stats, "image", timings)
+    with timed(timings, "normalize"):
+        return normalize(prepared, config.mean, config.std)
 
 
 def preprocess_batch(
     images: Sequence[np.ndarray] | np.ndarray,
     config: PreprocessConfig,
     stats: ColorStats | Sequence[ColorStats] | None = None,
+    timings: Timings | None = None,
 ) -> np.ndarray:
     """Several images -> float32 Nx3xHxW.
 
     ``images`` is a list of HxWx3 images (sizes may differ) or an NxHxWx3 array.
     ``stats``: None computes each image's own statistics; one ColorStats is used for
-    every image (tiles of one photo); a sequence gives one per image.
+    every image (tiles of one photo); a sequence gives one per image. ``timings``:
+    as for :func:`preprocess`.
     """
     config = _check_config(config)
     if isinstance(images, np.ndarray):
@@ -634,6 +643,7 @@ def preprocess_batch(
     height, width = config.input_size
     out = np.empty((n, 3, height, width), dtype=np.float32)
     for i, image in enumerate(items):
-        prepared = _prepare_uint8(image, config, per_image[i], f"images[{i}]")
-        normalize(prepared, config.mean, config.std, out=out[i])
+        prepared = _prepare_uint8(image, config, per_image[i], f"images[{i}]", timings)
+        with timed(timings, "normalize"):
+            normalize(prepared, config.mean, config.std, out=out[i])
     return out
