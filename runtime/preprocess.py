@@ -356,7 +356,7 @@ def remove_hair(image_uint8: np.ndarray, kernel_size: int = 17, threshold: int =
 #: Telea inpainting radius of :func:`remove_hair` (pixels).
 HAIR_INPAINT_RADIUS = 3
 # Below this many pixels a whole-image inpaint is already cheap: split no further.
-_SPLIT_MIN_PIXELS = 256 * 256
+_SPLIT_MIN_PIXELS = 1024 * 1024
 # Hair is grouped on a grid of cells this many pixels wide; see _inpaint_apart.
 _SPLIT_CELL = 16
 # Hair groups whose box fits a block of this many cells a side share one inpainting call.
