@@ -19,8 +19,8 @@
   with its own feeding) and ``tiled_inference`` (a segmenter's tiling loop).
 
 :func:`breakdown` keeps the steps, adds ``other`` (the glue between steps: Python
-calls, small copies) and gives each its share of the whole; ``edgederm bench``
-prints it. Timing costs two ``perf_counter`` calls per step and batch.
+calls, small copies) and gives each its share of the whole (docs/performance.md).
+Timing costs two ``perf_counter`` calls per step and batch.
 """
 from __future__ import annotations
 
