@@ -54,6 +54,7 @@ FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 BACKENDS = ("onnxruntime", "modelopt")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+PERCENTILE = 99.999
 # Ops whose inputs must never come out of a DequantizeLinear (they stay float).
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Gelu", "Sigmoid", "BatchNormalization",
                   "InstanceNormalization", "GroupNormalization")
@@ -96,7 +97,7 @@ class QuantSettings:
         }
 
 
-def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+def _reader(feeds: Iterable[dict[str, np.ndarray]]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Feeds(CalibrationDataReader):
@@ -159,19 +160,50 @@ def quantize_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLik
     return settings
 
 
-def equal_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The same rows re-cut into batches of one size (ORT's histogram calibrators stack the
-    batches and fail on a shorter last one): the largest size <= the first batch's that
-    divides the total."""
-    names = list(feeds[0])
-    rows = {n: np.concatenate([f[n] for f in feeds]) for n in names}
-    total = len(rows[names[0]])
-    size = max(d for d in range(1, len(feeds[0][names[0]]) + 1) if total % d == 0)
-    return [{n: rows[n][i:i + size] for n in names} for i in range(0, total, size)]
+STREAM_BATCHES = 1  # histogram methods: batches whose activations are held at once
+
+
+def calibration_ranges(source: str | os.PathLike[str], feeds: Iterable[dict[str, np.ndarray]], s: QuantSettings,
+                       workdir: str | os.PathLike[str]) -> Any:
+    """The activation ranges ORT's calibrator gives ``source`` on ``feeds``, streamed.
+
+    minmax: ORT's calibration graph reduces every tensor to its min and max inside the
+    run, so each batch leaves two numbers per tensor; all batches go through one
+    collection (with moving average the range is the mean of the per-batch extremes,
+    exactly as ``quantize_static`` computes it). Histogram methods (entropy,
+    percentile) are fed :data:`STREAM_BATCHES` batch(es) at a time, and ORT merges the
+    histograms across collections: only that many batches' activations are held
+    (``quantize_static`` holds every batch's, several GB on a ViT-S window encoder),
+    and a shorter last batch is fine. ``feeds`` may be a generator.
+    """
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[s.method]
+    options: dict[str, Any] = {"moving_average": True} if s.method == "minmax" else {}
+    if s.method == "percentile":
+        options["percentile"] = PERCENTILE
+    calibrator = create_calibrator(Path(source), list(s.op_types), calibrate_method=method,
+                                   augmented_model_path=str(Path(workdir) / "augmented.onnx"), extra_options=options)
+    try:
+        batches = iter(feeds)
+        if s.method == "minmax":
+            calibrator.collect_data(_reader(batches))
+        else:
+            while True:
+                chunk = [f for _, f in zip(range(STREAM_BATCHES), batches)]
+                if not chunk:
+                    break
+                calibrator.collect_data(_reader(chunk))
+        return calibrator.compute_data()
+    finally:
+        del calibrator
 
 
 def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -181,11 +213,13 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
         "CalibMovingAverage": s.method == "minmax",
     }
     if s.method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    if s.method != "minmax":
-        feeds = equal_batches(feeds)
+        extra["CalibPercentile"] = PERCENTILE
+    # The ranges are computed here, streamed, and handed to quantize_static as its
+    # calibration cache: it then skips its own (all-batches-in-memory) collection.
+    cache = staged.with_name("ranges.json")
+    save_tensors_data(calibration_ranges(source, feeds, s, staged.parent), cache)
     quantize_static(
-        str(source), str(staged), _reader(feeds),
+        str(source), str(staged), None, calibration_cache_path=str(cache),
         quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
         op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
         activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,

@@ -132,9 +132,9 @@ class Profile:
 
     def lines(self) -> list[str]:
         """The profile as a table (phase, wall s, CPU s, peak MiB)."""
-        rows = [f"  {"phase":<44} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9}"]
+        rows = [f"  {'phase':<44} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9}"]
         for p in self.phases:
             rows.append(f"  {p.name:<44} {p.seconds:8.1f} {p.cpu_seconds:8.1f} {p.peak_rss_bytes / 2 ** 20:9.0f}")
         total = self.to_dict()
-        rows.append(f"  {"total":<44} {total['seconds']:8.1f} {total['cpu_seconds']:8.1f} {total['peak_rss_mib']:9.0f}")
+        rows.append(f"  {'total':<44} {total['seconds']:8.1f} {total['cpu_seconds']:8.1f} {total['peak_rss_mib']:9.0f}")
         return rows
