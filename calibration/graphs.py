@@ -160,24 +160,32 @@ def quantize_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLik
     return settings
 
 
-STREAM_BATCHES = 1  # histogram methods: batches whose activations are held at once
+CALIBRATION_MEMORY = 1 << 30  # bytes one calibration run may add to what the process holds
 
 
 def calibration_ranges(source: str | os.PathLike[str], feeds: Iterable[dict[str, np.ndarray]], s: QuantSettings,
-                       workdir: str | os.PathLike[str]) -> Any:
+                       workdir: str | os.PathLike[str], memory: int = CALIBRATION_MEMORY) -> Any:
     """The activation ranges ORT's calibrator gives ``source`` on ``feeds``, streamed.
 
-    minmax: ORT's calibration graph reduces every tensor to its min and max inside the
-    run, so each batch leaves two numbers per tensor; all batches go through one
-    collection (with moving average the range is the mean of the per-batch extremes,
-    exactly as ``quantize_static`` computes it). Histogram methods (entropy,
-    percentile) are fed :data:`STREAM_BATCHES` batch(es) at a time, and ORT merges the
-    histograms across collections: only that many batches' activations are held
-    (``quantize_static`` holds every batch's, several GB on a ViT-S window encoder),
-    and a shorter last batch is fine. ``feeds`` may be a generator.
+    ORT's calibration graph reports, per batch, every calibrated tensor (histogram
+    methods) or its min and max (minmax, reduced inside the run). Here each batch is
+    run in sub-batches sized so one run adds at most ``memory`` bytes (the first row
+    is run alone and measured): a paper-size clinical encoder's calibration graph
+    holds ~1.8 GB per 512x512 image, so a batch of 8 in one run needed ~15 GB.
+    - minmax: the sub-batches' extremes are combined (min of mins, max of maxes), which
+      gives exactly the batch's own extremes, and the batches then go to ORT's range
+      computation as ``quantize_static`` would hand them (moving average: the mean of
+      the per-batch extremes). Two numbers per tensor per batch are held.
+    - entropy, percentile: each sub-batch goes to ORT's histogram collector, which merges
+      histograms across collections; only one sub-batch's activations are held at a
+      time (``quantize_static`` holds every batch's). Histogram merging re-bins, so the
+      ranges are close to, not bit-equal with, the all-in-memory ones.
+    ``feeds`` may be a generator.
     """
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
+
+    from .progress import peak_span
 
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[s.method]
@@ -186,19 +194,52 @@ def calibration_ranges(source: str | os.PathLike[str], feeds: Iterable[dict[str,
         options["percentile"] = PERCENTILE
     calibrator = create_calibrator(Path(source), list(s.op_types), calibrate_method=method,
                                    augmented_model_path=str(Path(workdir) / "augmented.onnx"), extra_options=options)
-    try:
-        batches = iter(feeds)
+    session = calibrator.infer_session
+    names = [o.name for o in session.get_outputs()]
+    originals = set(calibrator.model_original_outputs)
+    rows_per_run: list[int] = []
+
+    def run(part: dict[str, np.ndarray]) -> list[np.ndarray] | None:
         if s.method == "minmax":
-            calibrator.collect_data(_reader(batches))
-        else:
-            while True:
-                chunk = [f for _, f in zip(range(STREAM_BATCHES), batches)]
-                if not chunk:
-                    break
-                calibrator.collect_data(_reader(chunk))
+            return session.run(None, part)
+        calibrator.collect_data(_reader([part]))
+        return None
+
+    def runs(feed: dict[str, np.ndarray]) -> Iterator[list[np.ndarray] | None]:
+        total = len(next(iter(feed.values())))
+        start = 0
+        if not rows_per_run:
+            with peak_span() as peak:
+                before = peak()
+                yield run({k: v[:1] for k, v in feed.items()})
+                rows_per_run.append(max(1, int(memory // max(1, peak() - before))))
+            start = 1
+        step = rows_per_run[0]
+        for i in range(start, total, step):
+            yield run({k: v[i:i + step] for k, v in feed.items()})
+
+    try:
+        for feed in feeds:
+            combined: list[Any] | None = None
+            for outputs in runs(feed):
+                if outputs is None:
+                    continue
+                if combined is None:
+                    combined = list(outputs)
+                    continue
+                for i, name in enumerate(names):
+                    if name.endswith("_ReduceMin"):
+                        combined[i] = np.fmin(combined[i], outputs[i])
+                    elif name.endswith("_ReduceMax"):
+                        combined[i] = np.fmax(combined[i], outputs[i])
+            if combined is not None:  # what MinMaxCalibrater.collect_data keeps of one batch
+                calibrator.intermediate_outputs.append(
+                    [None if name in originals else value for name, value in zip(names, combined)])
+        if s.method == "minmax" and not calibrator.intermediate_outputs:
+            raise QuantizeError(f"no calibration batches for {Path(source).name}; give at least one input dict")
         return calibrator.compute_data()
     finally:
-        del calibrator
+        del calibrator, session
 
 
 def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:

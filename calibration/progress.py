@@ -23,6 +23,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -32,12 +33,34 @@ from edgederm.runtime.rss import current_rss_bytes, peak_rss_bytes
 
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux); False where not possible."""
+    for span in _open_spans:  # the spans in progress keep the peak they saw so far
+        span[0] = max(span[0], peak_rss_bytes())
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
         return True
     except OSError:
         return False
+
+
+_open_spans: list[list[int]] = []
+PER_PHASE_PEAK = os.access("/proc/self/clear_refs", os.W_OK)  # Linux: the peak can be reset per phase
+
+
+@contextlib.contextmanager
+def peak_span() -> Iterator[Callable[[], int]]:
+    """Peak RSS (bytes) within the block: the yielded function gives it so far. Spans nest:
+    a span opened inside another resets the kernel's mark without losing the outer one's."""
+    exact = reset_peak_rss()
+    span = [current_rss_bytes() if exact else peak_rss_bytes()]
+    _open_spans.append(span)
+    try:
+        yield lambda: max(span[0], peak_rss_bytes())
+    finally:
+        _open_spans.remove(span)
+        inner = max(span[0], peak_rss_bytes())
+        for outer in _open_spans:
+            outer[0] = max(outer[0], inner)
 
 
 def format_seconds(seconds: float) -> str:
@@ -78,7 +101,6 @@ class Profile:
     phases: list[Phase] = field(default_factory=list)
     planned: dict[str, int] = field(default_factory=dict)  # later phases -> images they will run
     per_image: float = 0.0  # slowest seconds per image measured so far
-    per_phase_peak: bool = True
 
     def plan(self, name: str, images: int) -> None:
         """Announce a later phase of ``images`` images (for the overall estimate)."""
@@ -87,7 +109,12 @@ class Profile:
     @contextlib.contextmanager
     def phase(self, name: str, images: int | None = None) -> Iterator[Callable[[int], None]]:
         """Time a phase; the yielded ``tick(k)`` reports that ``k`` of ``images`` are done."""
-        self.per_phase_peak = reset_peak_rss() and self.per_phase_peak
+        with peak_span() as peak, self._timed(name, images) as tick:
+            yield tick
+        self.phases[-1].peak_rss_bytes = peak()
+
+    @contextlib.contextmanager
+    def _timed(self, name: str, images: int | None) -> Iterator[Callable[[int], None]]:
         start, cpu0 = self.clock(), self.cpu_clock()
         record = Phase(name, images=images)
         last = [start]
@@ -115,7 +142,6 @@ class Profile:
         finally:
             record.seconds = self.clock() - start
             record.cpu_seconds = self.cpu_clock() - cpu0
-            record.peak_rss_bytes = max(peak_rss_bytes(), current_rss_bytes())
             self.phases.append(record)
             self.planned.pop(name, None)
             if images:
@@ -127,7 +153,7 @@ class Profile:
             "seconds": round(sum(p.seconds for p in self.phases), 2),
             "cpu_seconds": round(sum(p.cpu_seconds for p in self.phases), 2),
             "peak_rss_mib": round(max((p.peak_rss_bytes for p in self.phases), default=0) / 2 ** 20, 1),
-            "peak_is_per_phase": self.per_phase_peak,
+            "peak_is_per_phase": PER_PHASE_PEAK,
         }
 
     def lines(self) -> list[str]:
