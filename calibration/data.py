@@ -15,8 +15,12 @@ every feed the pipeline hands a backend. Decisions taken here:
   image stands in (a warning says so and the bundle records it).
 - ``metadata``: the CSV columns encoded with the manifest's schema (unknown columns
   dropped, empty = missing).
-Tiles and windows are many per image; at most ``max_units`` per stage are kept for
-calibration, drawn with the seed, all images represented.
+Tiles and windows are many per image (64 windows of a 2048x2048 image): each image
+keeps a seeded sample of its rows per stage, drawn while the pipeline streams them
+(:class:`RowSample`), so memory holds the sample and not every window of every image;
+then at most ``max_units`` rows per stage are kept for calibration, all images
+represented. The fp32 pass that records the feeds also keeps each case's fp32 logits:
+``quantize`` takes its reference decisions from them instead of a second fp32 pass.
 """
 from __future__ import annotations
 

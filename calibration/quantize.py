@@ -31,6 +31,15 @@ Flow (decisions):
    rename, then files no longer referenced are deleted. An interrupted quantize
    leaves the previous bundle intact and loadable; the next quantize removes the
    staging folder it left (runtime/staging.py).
+
+Time and memory (paper-size bundles run for minutes): every phase is timed (wall, CPU,
+peak memory; calibration/progress.py) into the report's ``profile``, with progress
+lines and the time left. Each image goes through fp32 once for the calibration
+inputs and the reference decisions together; windows/tiles are sampled per image as
+they stream (``windows_per_image``); calibration statistics are streamed in
+memory-bounded sub-batches (calibration/graphs.py ``calibration_ranges``); the fp32
+and quantized runs of the evaluation images are made once and shared by the
+fidelity report, the clinical refit and the gate.
 """
 from __future__ import annotations
 

@@ -70,6 +70,11 @@ def test_streamed_minmax_ranges_equal_the_in_memory_ones(block, tmp_path):
     names = sorted(ranges.data)
     assert len(names) >= 10  # every Conv/MatMul/Gemm input and output of the block
     held = _all_activations(prepared, names, feeds)
+    # One row per run (a 1-byte memory allowance): the combined extremes are the batches' own.
+    one_row = calibration_ranges(prepared, iter(feeds), QuantSettings(method="minmax"), tmp_path, memory=1)
+    for name in names:
+        np.testing.assert_allclose(np.asarray(one_row.data[name].range_value, np.float64).ravel(),
+                                   np.asarray(ranges.data[name].range_value, np.float64).ravel(), rtol=1e-5, atol=1e-6)
     for name in names:
         low, high = ranges.data[name].range_value
         # moving average (the SDK's minmax): mean over batches of each batch's extremes
