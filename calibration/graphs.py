@@ -25,6 +25,9 @@ Decisions:
 - Graphs go through ``quant_pre_process`` (shape inference + ORT basic optimisation)
   first; the prepared fp32 graph is kept by callers as the float reference for
   returning nodes to float (calibration/sensitivity.py).
+- Calibration ranges are collected by :func:`calibration_ranges` (streamed, in
+  sub-batches bounded in memory) and handed to ``quantize_static`` as its calibration
+  cache, so ORT never holds every batch's activations.
 - Every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
