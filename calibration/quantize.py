@@ -66,7 +66,7 @@ from .gate import GateTerm, check_defined, clinical_metrics, format_table, gate_
 from .graphs import (BACKENDS, FORMATS, INT8_TYPES, METHODS, QUANTIZED_OPS, QuantizeError, QuantSettings, prepare_graph,
                      quantize_dynamic_graph, quantize_graph, save_model)
 from .sensitivity import fallback as run_fallback
-from .sensitivity import node_sensitivity, rank, return_to_float
+from .sensitivity import SENSITIVITY_BATCHES, node_sensitivity, rank, return_to_float
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +338,8 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                 for stage in stages:
                     name = stage.name
                     with profile.phase(f"sensitivity {name}"):
-                        stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:4], sensitivity_seconds,
-                                                        say)
+                        stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:SENSITIVITY_BATCHES],
+                                                        sensitivity_seconds, say)
                     scores.update({f"{name}/{node}": v for node, v in stage_scores.items()})
             return rank(scores)
 
