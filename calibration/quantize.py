@@ -44,6 +44,7 @@ fidelity report, the clinical refit and the gate.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import shutil
@@ -103,22 +104,27 @@ class _Evaluator:
             self._images[path] = read_image(path)
         return self._images[path]
 
-    def _model(self, graphs: dict[str, str] | None) -> Any:
+    def _model(self, graphs: dict[str, str] | None, memo: _StageMemo | None = None) -> Any:
         from edgederm.runtime.model import DeployedModel
 
-        return DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
-                             threads=self.threads, cache=False, graph_overrides=graphs)
+        model = DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
+                              threads=self.threads, cache=False, graph_overrides=graphs)
+        if memo is not None:
+            model.pipeline.backends = {name: memo.wrap(backend, (graphs or {}).get(name, f"fp32:{name}"))
+                                       for name, backend in model.pipeline.backends.items()}
+        return model
 
     def predict(self, cases: list[Case], graphs: dict[str, str] | None,
-                tick: Callable[[int], None] | None = None) -> list[Any]:
+                tick: Callable[[int], None] | None = None, memo: _StageMemo | None = None) -> list[Any]:
         """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32).
-        ``tick(k)``: called after the k-th case. The same request again is answered from memory."""
+        ``tick(k)``: called after the k-th case. The same request again is answered from memory;
+        with ``memo``, so is a stage whose graph and inputs it has seen."""
         key = (tuple(c.image for c in cases), tuple(sorted(graphs.items())) if graphs else None)
         if key in self._runs:
             results, logits = self._runs[key]
             self.logits = list(logits)
             return list(results)
-        model = self._model(graphs)
+        model = self._model(graphs, memo)
         results = []
         self.logits = []
         for n, case in enumerate(cases):
@@ -169,6 +175,46 @@ class _Evaluator:
             same = sum(int((a == b).sum()) for a, b in zip(reference, candidate))
             return same / max(1, sum(a.size for a in reference))
         return float(np.mean([a.argmax() == b.argmax() for a, b in zip(reference, candidate)]))
+
+
+class _StageMemo:
+    """Stage outputs by (graph file, input bytes), for the repeated agreement passes on the
+    calibration images: a fallback step that returns nodes of one stage to float re-runs
+    that stage and those after it, not the stages it left as they were (on RemixFormer++
+    the 64-window encoder or the clinical encoder, most of the time). At most
+    ``max_bytes`` of outputs are kept."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._store: dict[bytes, dict[str, np.ndarray]] = {}
+
+    def wrap(self, backend: Any, graph: str) -> Any:
+        memo = self
+
+        class _Memoized:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(backend, name)
+
+            def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                digest = hashlib.blake2b(graph.encode(), digest_size=20)
+                for name in sorted(feed):
+                    value = np.ascontiguousarray(feed[name])
+                    digest.update(f"{name}{value.dtype}{value.shape}".encode())
+                    digest.update(value.data)
+                key = digest.digest()
+                if key in memo._store:
+                    memo.hits += 1
+                    return dict(memo._store[key])
+                out = backend.run(feed)
+                size = sum(v.nbytes for v in out.values())
+                if memo.bytes + size <= memo.max_bytes:
+                    memo._store[key] = {k: np.array(v, copy=True) for k, v in out.items()}
+                    memo.bytes += size
+                return out
+
+        return _Memoized()
 
 
 def _held_out(calib_dir: Path, chosen: list[Case], eval_dir: Path | None, seed: int) -> tuple[list[Case], bool]:
@@ -286,6 +332,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     stage_info: dict[str, Any] = {}
     fallback_report: dict[str, Any] | None = None
     reference: list[Any] = []  # fp32 decisions on the calibration cases, computed on first use
+    memo = _StageMemo()
 
     def agreement_of(graphs: dict[str, str]) -> float:
         """End-to-end decision agreement of ``graphs`` with fp32 on the calibration cases."""
@@ -293,7 +340,7 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             with profile.phase("fp32 pass (agreement reference)", len(calib)) as tick:
                 reference.extend(evaluator.decisions(evaluator.predict(calib.cases, None, tick)))
         with profile.phase(f"{precision} pass (agreement)", len(calib)) as tick:
-            return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs, tick)))
+            return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs, tick, memo)))
 
     # The passes still to come, in images, for the overall time-left estimate.
     if target is not None:

@@ -219,3 +219,35 @@ def test_sampled_windows_give_close_ranges_and_the_same_decisions(tmp_path, synt
     ratios = np.array([float(scales[2][k]) / float(scales[4][k]) for k in activations])
     assert len(ratios) >= 3 and np.all(np.abs(ratios - 1) < 0.15) and np.median(np.abs(ratios - 1)) < 0.05, ratios
     assert reports[2]["fidelity"]["decision_agreement"] == reports[4]["fidelity"]["decision_agreement"]
+
+
+def test_stage_memo_answers_the_same_graph_and_inputs_only():
+    from edgederm.calibration.quantize import _StageMemo
+
+    calls: list[str] = []
+
+    class Backend:
+        name = "fake"
+
+        def __init__(self, tag):
+            self.tag = tag
+
+        def run(self, feed):
+            calls.append(self.tag)
+            return {"y": feed["x"] * 2.0}
+
+    memo = _StageMemo(max_bytes=1 << 20)
+    a, a_again, b = memo.wrap(Backend("a"), "s.int8.onnx"), memo.wrap(Backend("a2"), "s.int8.onnx"), \
+        memo.wrap(Backend("b"), "s.int8.float1.onnx")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(a.run({"x": x})["y"], x * 2)
+    np.testing.assert_array_equal(a_again.run({"x": x.copy()})["y"], x * 2)  # same graph, same bytes: stored
+    b.run({"x": x})  # other graph
+    a.run({"x": x + 1})  # other inputs
+    a.run({"x": x.reshape(3, 2)})  # same bytes, other shape
+    assert calls == ["a", "b", "a", "a"] and memo.hits == 1 and a.name == "fake"
+    small = _StageMemo(max_bytes=10)  # outputs over the allowance are not kept
+    c = small.wrap(Backend("c"), "g")
+    c.run({"x": x})
+    c.run({"x": x})
+    assert calls[-2:] == ["c", "c"] and small.bytes == 0
