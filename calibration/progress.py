@@ -34,7 +34,7 @@ from edgederm.runtime.rss import current_rss_bytes, peak_rss_bytes
 def reset_peak_rss() -> bool:
     """Reset this process's peak RSS to its current RSS (Linux); False where not possible."""
     for span in _open_spans:  # the spans in progress keep the peak they saw so far
-        span[0] = max(span[0], peak_rss_bytes())
+        span.peak = max(span.peak, peak_rss_bytes())
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
@@ -43,7 +43,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
-_open_spans: list[list[int]] = []
+class _Span:
+    def __init__(self, peak: int) -> None:
+        self.peak = peak
+
+
+_open_spans: list[_Span] = []
 PER_PHASE_PEAK = os.access("/proc/self/clear_refs", os.W_OK)  # Linux: the peak can be reset per phase
 
 
@@ -52,15 +57,15 @@ def peak_span() -> Iterator[Callable[[], int]]:
     """Peak RSS (bytes) within the block: the yielded function gives it so far. Spans nest:
     a span opened inside another resets the kernel's mark without losing the outer one's."""
     exact = reset_peak_rss()
-    span = [current_rss_bytes() if exact else peak_rss_bytes()]
+    span = _Span(current_rss_bytes() if exact else peak_rss_bytes())
     _open_spans.append(span)
     try:
-        yield lambda: max(span[0], peak_rss_bytes())
+        yield lambda: max(span.peak, peak_rss_bytes())
     finally:
-        _open_spans.remove(span)
-        inner = max(span[0], peak_rss_bytes())
+        del _open_spans[next(i for i, s in enumerate(_open_spans) if s is span)]
+        inner = max(span.peak, peak_rss_bytes())
         for outer in _open_spans:
-            outer[0] = max(outer[0], inner)
+            outer.peak = max(outer.peak, inner)
 
 
 def format_seconds(seconds: float) -> str:

@@ -251,3 +251,17 @@ def test_stage_memo_answers_the_same_graph_and_inputs_only():
     c.run({"x": x})
     c.run({"x": x})
     assert calls[-2:] == ["c", "c"] and small.bytes == 0
+
+
+def test_peak_spans_nest():
+    from edgederm.calibration.progress import peak_span
+
+    with peak_span() as outer:
+        with peak_span() as inner:  # opened at the same RSS: two spans all the same
+            base = inner()
+            block = np.ones(64 << 20, np.uint8)  # 64 MiB touched
+            assert inner() - base >= 60 << 20
+        del block
+        with peak_span() as later:
+            pass
+        assert outer() >= inner() >= later()
