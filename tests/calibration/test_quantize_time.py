@@ -178,7 +178,8 @@ def test_windowed_quantize_samples_windows_reuses_runs_and_reports_progress(tmp_
     bundle = _bundle(MicroWindowed, tmp_path / "win")
     opened: list[bool] = []
     original = q._Evaluator._model
-    monkeypatch.setattr(q._Evaluator, "_model", lambda self, graphs: opened.append(graphs is None) or original(self, graphs))
+    monkeypatch.setattr(q._Evaluator, "_model",
+                        lambda self, graphs, memo=None: opened.append(graphs is None) or original(self, graphs, memo))
     lines: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
