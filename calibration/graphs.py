@@ -79,6 +79,8 @@ class QuantSettings:
     backend: str = "onnxruntime"
     op_types: tuple[str, ...] = QUANTIZED_OPS
     nodes_to_exclude: list[str] = field(default_factory=list)
+    # Weights within +-64: no u8 x s8 pair saturates on x86 CPUs without VNNI (runtime/cpu.py).
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("method", self.method, METHODS), ("format", self.format, FORMATS),
@@ -97,6 +99,7 @@ class QuantSettings:
             "activation_type": self.activation_type, "weight_type": self.weight_type,
             "activation_symmetric": self.activation_type == "int8", "quantized_ops": list(self.op_types),
             "tensorrt_compatible": self.format == "qdq" and self.activation_type == "int8" and self.weight_type == "int8",
+            "reduce_range": self.reduce_range,
         }
 
 
@@ -265,7 +268,7 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
     quantize_static(
         str(source), str(staged), None, calibration_cache_path=str(cache),
         quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
+        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel, reduce_range=s.reduce_range,
         activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,
         nodes_to_exclude=list(s.nodes_to_exclude), extra_options=extra,
     )
@@ -322,7 +325,7 @@ def _modelopt_child(source: str, staged: str, data_path: str, method: str, op_ty
 def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                            per_channel: bool = True, weight_type: str = "int8",
                            op_types: Iterable[str] = ("MatMul",), weights_only_matmul: bool = False,
-                           fuse_gelu: bool = True) -> dict[str, Any]:
+                           fuse_gelu: bool = True, reduce_range: bool = False) -> dict[str, Any]:
     """Dynamic INT8 (CPU only): int8 weights, activation ranges computed per batch at run time.
 
     ``weights_only_matmul=False`` (default) also quantizes the attention products
@@ -347,6 +350,7 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         staged = Path(tmp) / "dynamic.onnx"
         with _quiet_preprocess_hint():
             quantize_dynamic(model, str(staged), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                             reduce_range=reduce_range,
                              weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
                              # DefaultTensorType: graphs with contrib ops (ORT's fused transformer
                              # ops) leave some tensors without an inferred type; they are float.
@@ -357,7 +361,8 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         save_model(quantized, out_path)
     return {"backend": "onnxruntime", "mode": "dynamic", "per_channel": per_channel, "weight_type": weight_type,
             "activation_type": "uint8 (per batch, at run time)", "quantized_ops": list(op_types),
-            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False}
+            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False,
+            "reduce_range": reduce_range}
 
 
 @contextlib.contextmanager

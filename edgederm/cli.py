@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
+from edgederm.runtime.cpu import KERNEL_CLASSES
 from edgederm.runtime.errors import EdgeDermError, PythonVersionError
 from edgederm.training.options import add_train_arguments
 
@@ -123,6 +124,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              target_agreement=target, format=args.format, activation_type=args.activation_type,
                              backend=args.backend, sensitivity_seconds=args.sensitivity_seconds, gate=args.gate,
                              windows_per_image=args.windows_per_image,
+                             for_cpu=args.for_cpu,
                              say=(lambda m: print(m, file=sys.stderr)) if args.json else print)
     if args.json:
         _print_json(report)
@@ -612,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows-per-image", type=int, default=None, metavar="N",
                    help="windows (or tiles) of each calibration image kept per stage for the INT8 ranges, a seeded "
                         "sample (default: 256 calibration inputs spread evenly over the images)")
+    p.add_argument("--for-cpu", default=None, choices=list(KERNEL_CLASSES),
+                   help="int8 kernel class of the CPU the int8 graphs are for (`edgederm doctor` prints a device's); "
+                        "default: this CPU's. avx2 (x86 without VNNI) and sse get 7-bit weights, which cannot saturate "
+                        "there; see docs/int8-and-cpus.md")
     _target_option(p, "lint the new graphs for this device profile afterwards (exit status 1 on findings).")
     p.add_argument("--eval", type=Path, default=None,
                    help="held-out folder for the fidelity report; labelled (labels.csv + images/): the temperature "

@@ -108,6 +108,12 @@ class DeployedModel:
         else:
             self.stages = {s.name: self._open_stage(s.name, choice, threads, cache, graph_overrides)
                            for s in manifest.stages}
+        if precision != "auto" and choice.backend == "onnxruntime-cpu" and not graph_overrides:
+            from .backends.onnxruntime import cache_dir
+            from .cpu_check import require_trusted
+
+            recheck = require_trusted(manifest, self.precision, self.stages, cache_dir() if cache else None)
+            self.notes += [recheck] if recheck else []
         self.load_ms = (time.perf_counter() - start) * 1000
         log.info("loaded %s: backend %s, precision %s (%.0f ms)", manifest.root, self.backend_name, self.precision,
                  self.load_ms)
@@ -160,6 +166,7 @@ class DeployedModel:
         (runtime/latency.py) and say so in the notes; the graphs it opened to measure
         are left in ``opened`` (precision -> stage backends) for reuse."""
         from .backends.onnxruntime import cache_dir
+        from .cpu_check import trusted_candidates
         from .latency import cpu_speedups
         from .selection import CPU_REDUCED, auto_precision_note, fastest_measured_on_cpu
 
@@ -179,9 +186,17 @@ class DeployedModel:
                 hits[precision] = self.cache_hits
             return opened[precision]
 
-        speedups, source = cpu_speedups(self.manifest, candidates, threads, cache_dir() if cache else None,
+        # An int8 graph made on a CPU of other int8 arithmetic competes only once its self-test passes here.
+        trusted, notes = trusted_candidates(self.manifest, candidates, open_stages, cache_dir() if cache else None)
+        self.notes += notes
+        available = [p for p in available if p in trusted or p not in candidates]
+        if not trusted:
+            self.cache_hits = {}
+            return dataclasses.replace(choice, precision="fp32")
+        speedups, source = cpu_speedups(self.manifest, trusted, threads, cache_dir() if cache else None,
                                         open_stages, self._plan)
-        chosen = fastest_measured_on_cpu(self.manifest, available, speedups) or choice.precision
+        chosen = fastest_measured_on_cpu(self.manifest, available, speedups) or \
+            (choice.precision if choice.precision in available else "fp32")
         self.cache_hits = hits.get(chosen, {})  # the graphs that will run, not the last ones measured
         note = auto_precision_note(self.manifest, chosen, speedups, source)
         log.info(note)
