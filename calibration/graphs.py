@@ -54,6 +54,10 @@ FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 BACKENDS = ("onnxruntime", "modelopt")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# Activations a Conv's int8 output goes through before its QuantizeLinear: ONNX Runtime
+# folds Relu/Clip -> QuantizeLinear into the Q's range, so Conv -> Relu -> Q fuses into one
+# QLinearConv (see :func:`conv_activation_outputs`).
+CONV_ACTIVATIONS = ("Relu", "Clip")
 # Ops whose inputs must never come out of a DequantizeLinear (they stay float).
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Gelu", "Sigmoid", "BatchNormalization",
                   "InstanceNormalization", "GroupNormalization")
@@ -170,7 +174,26 @@ def equal_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.n
     return [{n: rows[n][i:i + size] for n in names} for i in range(0, total, size)]
 
 
+def conv_activation_outputs(model: Any) -> list[str]:
+    """Relu/Clip nodes that read a Conv's output and are its only consumer: quantizing their
+    output (not the Conv's) is the pattern ONNX Runtime's CPU fuses into one QLinearConv."""
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    picked = []
+    for node in model.graph.node:
+        src = producers.get(node.input[0]) if node.input else None
+        if (node.op_type in CONV_ACTIVATIONS and src is not None and src.op_type == "Conv"
+                and consumers.get(node.input[0]) == 1 and node.input[0] not in outputs):
+            picked.append(node.name)
+    return picked
+
+
 def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -179,7 +202,20 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
     extra: dict[str, Any] = {
         "ActivationSymmetric": s.activation_type == "int8", "WeightSymmetric": True,
         "CalibMovingAverage": s.method == "minmax",
+        # Relu/Clip stay in the graph (not folded into the upstream tensor, which would give
+        # a pre-activation tensor the activation's name): every float tensor keeps its meaning
+        # for the float rewiring below and for returning nodes to float.
+        "QDQKeepRemovableActivations": True,
     }
+    op_types, exclude = list(s.op_types), list(s.nodes_to_exclude)
+    float_model = onnx.load(str(source))
+    if s.format == "qdq" and "Conv" in op_types:
+        # The activation right after a Conv carries the Conv's output quantization (the
+        # pattern that fuses); every other Relu/Clip stays float.
+        activations = set(conv_activation_outputs(float_model)) - set(exclude)
+        op_types += [t for t in CONV_ACTIVATIONS if t not in op_types]
+        exclude += [n.name for n in float_model.graph.node
+                    if n.op_type in CONV_ACTIVATIONS and n.name not in activations]
     if s.method == "percentile":
         extra["CalibPercentile"] = 99.999
     if s.method != "minmax":
@@ -187,15 +223,14 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
     quantize_static(
         str(source), str(staged), _reader(feeds),
         quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
+        op_types_to_quantize=op_types, per_channel=s.per_channel,
         activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,
-        nodes_to_exclude=list(s.nodes_to_exclude), extra_options=extra,
+        nodes_to_exclude=exclude, extra_options=extra,
     )
     if s.format == "qdq":
-        import onnx
-
         model = onnx.load(str(staged))
         keep_float_consumers(model, s.op_types)
+        float_unfused_convs(model, float_model)
         onnx.save(model, str(staged))
 
 
@@ -311,8 +346,24 @@ def float_only_violations(model: Any) -> list[str]:
     return bad
 
 
+def _conv_output(producers: dict[str, Any], name: str) -> bool:
+    """``name`` is a Conv's output, or the output of the Relu/Clip right after a Conv."""
+    node = producers.get(name)
+    if node is not None and node.op_type in CONV_ACTIVATIONS and node.input:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Conv"
+
+
 def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:
-    """Rewire every non-quantized consumer of an activation Q/DQ pair to the float tensor.
+    """Rewire the non-quantized consumers of an activation Q/DQ pair to the float tensor.
+
+    Exception, for speed: a consumer of a Conv's int8 output (e.g. a residual Add)
+    keeps reading its DequantizeLinear, unless it is one of ``FLOAT_ONLY_OPS``. ONNX
+    Runtime has no int8 convolution with a float output: a Conv whose output any node
+    reads in float is not fused into QLinearConv and runs in float on weights
+    dequantized at every run (measured: slower than the fp32 graph). The Relu/Clip
+    that carries a Conv's output quantization reads the Conv's float output (ORT folds
+    ``Conv -> Relu -> QuantizeLinear`` into one QLinearConv).
 
     Returns the number of inputs rewired. Quantized graph outputs become Identity of
     the float tensor. Unused Q/DQ nodes are removed.
@@ -337,9 +388,14 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
             continue
         for i, name in enumerate(node.input):
             src = float_source(name)
-            if src is not None:
-                node.input[i] = src
-                rewired += 1
+            if src is None:
+                continue
+            reads_conv = _conv_output(producers, src)
+            carries_conv_output = node.op_type in CONV_ACTIVATIONS and producers[src].op_type == "Conv"
+            if reads_conv and node.op_type not in FLOAT_ONLY_OPS and not carries_conv_output:
+                continue
+            node.input[i] = src
+            rewired += 1
     for out in graph.output:
         dq = producers.get(out.name)
         src = float_source(out.name)
@@ -350,3 +406,46 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
             rewired += 1
     remove_unused(model)
     return rewired
+
+
+def unfused_convs(model: Any) -> list[str]:
+    """Quantized Conv nodes (a DequantizeLinear input) whose output is not read only by
+    QuantizeLinear (directly or through the one Relu/Clip ORT folds): ORT cannot fuse them."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    outputs = {o.name for o in model.graph.output}
+
+    def only_quantized(name: str, hop: bool) -> bool:
+        users = consumers.get(name, [])
+        if name in outputs or not users:
+            return False
+        if all(u.op_type == "QuantizeLinear" for u in users):
+            return True
+        return (hop and len(users) == 1 and users[0].op_type in CONV_ACTIVATIONS
+                and only_quantized(users[0].output[0], False))
+
+    bad = []
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        quantized = any((producers.get(n) is not None and producers[n].op_type == "DequantizeLinear")
+                        for n in node.input)
+        if quantized and not only_quantized(node.output[0], True):
+            bad.append(node.name)
+    return bad
+
+
+def float_unfused_convs(model: Any, float_model: Any) -> list[str]:
+    """Return to float (float weights, no Q/DQ) every Conv ORT could not fuse; in place.
+
+    Such a Conv would run in float anyway, on weights dequantized at every run and
+    in NCHW instead of ORT's blocked fp32 layout."""
+    from .sensitivity import return_to_float
+
+    names = unfused_convs(model)
+    if names:
+        model.CopyFrom(return_to_float(model, float_model, names))
+    return names
