@@ -333,12 +333,30 @@ def _quiet_preprocess_hint() -> Iterator[None]:
         logging.getLogger().removeFilter(drop)
 
 
+def gating_sigmoids(model: Any) -> set[str]:
+    """Sigmoid nodes of a SiLU/Swish ``x * sigmoid(x)``: an activation, not an output or a
+    normalisation, so it may read a Conv's int8 output (EfficientNet's every Conv has one)."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    gating = set()
+    for node in model.graph.node:
+        if node.op_type == "Sigmoid" and any(
+                u.op_type == "Mul" and set(u.input) == {node.input[0], node.output[0]}
+                for u in consumers.get(node.output[0], [])):
+            gating.add(node.name)
+    return gating
+
+
 def float_only_violations(model: Any) -> list[str]:
-    """Nodes of FLOAT_ONLY_OPS that take an input straight from a DequantizeLinear (should be none)."""
+    """Nodes of FLOAT_ONLY_OPS that take an input straight from a DequantizeLinear (should be
+    none); the Sigmoid of a SiLU (:func:`gating_sigmoids`) is an activation and may."""
     producers = {out: node for node in model.graph.node for out in node.output}
+    gating = gating_sigmoids(model)
     bad = []
     for node in model.graph.node:
-        if node.op_type in FLOAT_ONLY_OPS:
+        if node.op_type in FLOAT_ONLY_OPS and node.name not in gating:
             for name in node.input:
                 src = producers.get(name)
                 if src is not None and src.op_type == "DequantizeLinear":
@@ -357,8 +375,8 @@ def _conv_output(producers: dict[str, Any], name: str) -> bool:
 def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:
     """Rewire the non-quantized consumers of an activation Q/DQ pair to the float tensor.
 
-    Exception, for speed: a consumer of a Conv's int8 output (e.g. a residual Add)
-    keeps reading its DequantizeLinear, unless it is one of ``FLOAT_ONLY_OPS``. ONNX
+    Exception, for speed: a consumer of a Conv's int8 output (e.g. a residual Add, a
+    SiLU) keeps reading its DequantizeLinear, unless it is one of ``FLOAT_ONLY_OPS``. ONNX
     Runtime has no int8 convolution with a float output: a Conv whose output any node
     reads in float is not fused into QLinearConv and runs in float on weights
     dequantized at every run (measured: slower than the fp32 graph). The Relu/Clip
@@ -374,6 +392,7 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {i.name for i in graph.initializer}
     keep = set(quantized_ops) | {"QuantizeLinear", "DequantizeLinear"}
+    gating = gating_sigmoids(model)
 
     def float_source(name: str) -> str | None:
         dq = producers.get(name)
@@ -386,13 +405,14 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
     for node in graph.node:
         if node.op_type in keep:
             continue
+        float_only = node.op_type in FLOAT_ONLY_OPS and node.name not in gating
         for i, name in enumerate(node.input):
             src = float_source(name)
             if src is None:
                 continue
             reads_conv = _conv_output(producers, src)
             carries_conv_output = node.op_type in CONV_ACTIVATIONS and producers[src].op_type == "Conv"
-            if reads_conv and node.op_type not in FLOAT_ONLY_OPS and not carries_conv_output:
+            if reads_conv and not float_only and not carries_conv_output:
                 continue
             node.input[i] = src
             rewired += 1
@@ -409,13 +429,15 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
 
 
 def unfused_convs(model: Any) -> list[str]:
-    """Quantized Conv nodes (a DequantizeLinear input) whose output is not read only by
-    QuantizeLinear (directly or through the one Relu/Clip ORT folds): ORT cannot fuse them."""
+    """Conv nodes with int8 weights (a DequantizeLinear of an initializer) whose output is
+    not read only by QuantizeLinear (directly or through the one Relu/Clip ORT folds):
+    ONNX Runtime cannot fuse them into QLinearConv."""
     consumers: dict[str, list[Any]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {i.name for i in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
 
     def only_quantized(name: str, hop: bool) -> bool:
@@ -429,23 +451,24 @@ def unfused_convs(model: Any) -> list[str]:
 
     bad = []
     for node in model.graph.node:
-        if node.op_type != "Conv":
+        if node.op_type != "Conv" or len(node.input) < 2:
             continue
-        quantized = any((producers.get(n) is not None and producers[n].op_type == "DequantizeLinear")
-                        for n in node.input)
-        if quantized and not only_quantized(node.output[0], True):
+        weight = producers.get(node.input[1])
+        if weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in initializers \
+                and not only_quantized(node.output[0], True):
             bad.append(node.name)
     return bad
 
 
 def float_unfused_convs(model: Any, float_model: Any) -> list[str]:
-    """Return to float (float weights, no Q/DQ) every Conv ORT could not fuse; in place.
+    """Give float weights (no per-run DequantizeLinear) to every Conv ORT could not fuse; in place.
 
-    Such a Conv would run in float anyway, on weights dequantized at every run and
-    in NCHW instead of ORT's blocked fp32 layout."""
+    Such a Conv runs in float anyway. Its input keeps reading its DequantizeLinear, so
+    the Conv upstream still fuses (an SE block's second Conv would otherwise pull the
+    first one out of int8)."""
     from .sensitivity import return_to_float
 
     names = unfused_convs(model)
     if names:
-        model.CopyFrom(return_to_float(model, float_model, names))
+        model.CopyFrom(return_to_float(model, float_model, names, weights_only=True))
     return names

@@ -43,6 +43,7 @@ LAYOUT_OPS = ("Transpose", "ReorderInput", "ReorderOutput")
 
 def op_group(op: str) -> str:
     """``quantize`` | ``int8 compute`` | ``layout`` | ``float``."""
+    op = op.split(" ")[0]
     if op in QUANTIZE_OPS:
         return "quantize"
     if op in INT8_OPS:
@@ -92,10 +93,16 @@ def _feeds(session: Any, batch: int, seed: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def _op_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+def _op_kinds(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Node name -> operator, grouped convolutions (depthwise and the like) named apart:
+    ONNX Runtime's int8 kernels for them are not its fast GEMM path."""
     onnx = optional_import("onnx", "counting a graph's operators")
     model = onnx.load(str(path), load_external_data=False)
-    return dict(Counter(node.op_type for node in model.graph.node))
+    kinds = {}
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        kinds[node.name] = f"{node.op_type} (grouped)" if "Conv" in node.op_type and group > 1 else node.op_type
+    return kinds
 
 
 def profile_graph(graph: str | os.PathLike[str], *, batch: int = 1, runs: int = 5, threads: int | None = None,
@@ -119,7 +126,7 @@ def profile_graph(graph: str | os.PathLike[str], *, batch: int = 1, runs: int = 
             session.run(None, feed)
         trace = Path(session.end_profiling())
         events = json.loads(trace.read_text())
-        optimized_ops = _op_counts(optimized)
+        kinds = _op_kinds(optimized)
     by_op: Counter[str] = Counter()
     calls: Counter[str] = Counter()
     model_runs: list[float] = []
@@ -128,7 +135,8 @@ def profile_graph(graph: str | os.PathLike[str], *, batch: int = 1, runs: int = 
             model_runs.append(event["dur"] / 1000.0)
         if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
             continue
-        op = event.get("args", {}).get("op_name", "?")
+        node = str(event["name"])[:-len("_kernel_time")]
+        op = kinds.get(node, event.get("args", {}).get("op_name", "?"))
         by_op[op] += event["dur"] / 1000.0
         calls[op] += 1
     timed = runs + 1
@@ -138,7 +146,8 @@ def profile_graph(graph: str | os.PathLike[str], *, batch: int = 1, runs: int = 
                         total_ms=float(np.median(model_runs[1:])) if len(model_runs) > 1 else sum(by_op.values()) * scale,
                         by_op={op: ms * scale for op, ms in by_op.items()},
                         calls={op: n // timed for op, n in calls.items()},
-                        optimized_ops=optimized_ops, source_ops=_op_counts(graph))
+                        optimized_ops=dict(Counter(kinds.values())),
+                        source_ops=dict(Counter(_op_kinds(graph).values())))
 
 
 def format_profiles(profiles: dict[str, GraphProfile], top: int = 12) -> str:
@@ -163,3 +172,29 @@ def format_profiles(profiles: dict[str, GraphProfile], top: int = 12) -> str:
     for op, _ in counted.most_common(top):
         lines.append(f"  {op:<26}" + "".join(f"{p.optimized_ops.get(op, 0):>{width + 2}}" for p in profiles.values()))
     return "\n".join(lines)
+
+
+def profile_bundle(bundle: str | os.PathLike[str], precisions: list[str] | None = None, *, batch: int | None = None,
+                   runs: int = 5, threads: int | None = None) -> dict[str, dict[str, GraphProfile]]:
+    """Profile every stage of ``bundle`` in each of ``precisions`` (default: all it holds).
+
+    ``batch`` None: the tiled stage's batch (tiles or windows per run), 1 for other stages.
+    Returns ``{stage: {precision: GraphProfile}}``.
+    """
+    from edgederm.runtime.bundle import read_manifest
+    from edgederm.runtime.errors import InputError
+
+    manifest = read_manifest(bundle)
+    held = manifest.precisions()
+    wanted = precisions or held
+    missing = [p for p in wanted if p not in held]
+    if missing:
+        raise InputError(f"bundle {manifest.root} has no {', '.join(missing)} graphs; it holds {', '.join(held)}. "
+                         f"Fix: pick from those, or run `edgederm quantize {manifest.root} --precision {missing[0]}`")
+    tiled = manifest.tiled_stage
+    out: dict[str, dict[str, GraphProfile]] = {}
+    for stage in manifest.stages:
+        size = batch or (manifest.tiling.batch_size if tiled is not None and stage.name == tiled.name else 1)
+        out[stage.name] = {p: profile_graph(manifest.graph_path(stage, p), batch=size, runs=runs, threads=threads)
+                           for p in wanted}
+    return out

@@ -48,8 +48,11 @@ def quantized_nodes(model: Any, op_types: Sequence[str] = QUANTIZED_OPS) -> list
     return names
 
 
-def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str]) -> Any:
-    """A copy of ``qdq_model`` with ``nodes`` computing in float (see module docs)."""
+def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str], weights_only: bool = False) -> Any:
+    """A copy of ``qdq_model`` with ``nodes`` computing in float (see module docs).
+
+    ``weights_only``: only weights and biases return to float; activations keep reading
+    their DequantizeLinear, so the node that produced them stays int8."""
     import onnx
 
     model = onnx.ModelProto()
@@ -70,7 +73,8 @@ def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str]) -> A
                 continue
             q = producers.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]  # activation: the float tensor before Q
+                if not weights_only:
+                    node.input[i] = q.input[0]  # activation: the float tensor before Q
                 continue
             # weight / bias: the float initializer of the fp32 graph
             if reference is None or i >= len(reference.input) or reference.input[i] not in float_inits:
