@@ -31,7 +31,7 @@ import numpy as np
 
 from .fidelity import relative_error
 from .fusions import remove_unused
-from .graphs import QUANTIZED_OPS
+from .graphs import CONV_ACTIVATIONS, QUANTIZED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,27 @@ def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str], weig
                 graph.initializer.append(init)
                 have_init.add(target)
             node.input[i] = target
+    if not weights_only:
+        _float_conv_readers(graph, wanted)
     remove_unused(model)
     return model
+
+
+def _float_conv_readers(graph: Any, floated: set[str]) -> None:
+    """Non-quantized readers of a floated Conv's int8 output (a residual Add, a SiLU) read
+    it in float again: they read it through Q/DQ only so that the Conv could fuse."""
+    outputs = {out for node in graph.node if node.name in floated and node.op_type == "Conv" for out in node.output}
+    outputs |= {node.output[0] for node in graph.node if node.op_type in CONV_ACTIVATIONS and node.input
+                and node.input[0] in outputs}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in outputs:
+                node.input[i] = q.input[0]
 
 
 def only_quantized(qdq_model: Any, float_model: Any, node: str, all_nodes: Sequence[str]) -> Any:
