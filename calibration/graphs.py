@@ -56,8 +56,9 @@ BACKENDS = ("onnxruntime", "modelopt")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 # Activations a Conv's int8 output goes through before its QuantizeLinear: ONNX Runtime
 # folds Relu/Clip -> QuantizeLinear into the Q's range, so Conv -> Relu -> Q fuses into one
-# QLinearConv (see :func:`conv_activation_outputs`).
+# QLinearConv; and the ops between Convs that ORT's CPU runs in int8 (see :func:`conv_chain`).
 CONV_ACTIVATIONS = ("Relu", "Clip")
+CONV_CHAIN_OPS = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
 # Ops whose inputs must never come out of a DequantizeLinear (they stay float).
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Gelu", "Sigmoid", "BatchNormalization",
                   "InstanceNormalization", "GroupNormalization")
@@ -174,22 +175,40 @@ def equal_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.n
     return [{n: rows[n][i:i + size] for n in names} for i in range(0, total, size)]
 
 
-def conv_activation_outputs(model: Any) -> list[str]:
-    """Relu/Clip nodes that read a Conv's output and are its only consumer: quantizing their
-    output (not the Conv's) is the pattern ONNX Runtime's CPU fuses into one QLinearConv."""
-    consumers: dict[str, int] = {}
+def conv_chain(model: Any, exclude: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """The nodes that keep a Conv's output in int8 until the next Conv: ``(activations, chain)``.
+
+    ``activations``: Relu/Clip nodes that are the only reader of an int8 tensor; their
+    output carries the quantization (ORT folds ``Conv -> Relu -> QuantizeLinear`` into
+    one QLinearConv). ``chain``: ``CONV_CHAIN_OPS`` nodes (a residual Add, a pool, a
+    Concat) all of whose activation inputs are int8 Conv-chain tensors; ORT runs them
+    in int8 (QLinearAdd, QLinearConcat, uint8 MaxPool ...) in its NHWC layout, so the
+    chain needs no float pass between its Convs. Anything else stays float.
+    """
+    skip = set(exclude)
+    initializers = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    outputs = {o.name for o in model.graph.output}
-    producers = {out: node for node in model.graph.node for out in node.output}
-    picked = []
-    for node in model.graph.node:
-        src = producers.get(node.input[0]) if node.input else None
-        if (node.op_type in CONV_ACTIVATIONS and src is not None and src.op_type == "Conv"
-                and consumers.get(node.input[0]) == 1 and node.input[0] not in outputs):
-            picked.append(node.name)
-    return picked
+            readers[name] = readers.get(name, 0) + 1
+    int8: set[str] = set()
+    activations: list[str] = []
+    chain: list[str] = []
+    for node in model.graph.node:  # graph order is topological
+        if node.name in skip:
+            continue
+        data = [n for n in node.input if n and n not in initializers]
+        if node.op_type == "Conv":
+            int8.add(node.output[0])
+        elif (node.op_type in CONV_ACTIVATIONS and data and data[0] in int8 and readers.get(data[0]) == 1
+              and data[0] not in outputs):
+            activations.append(node.name)
+            int8.add(node.output[0])
+        elif node.op_type in CONV_CHAIN_OPS and data and all(n in int8 for n in data):
+            chain.append(node.name)
+            int8.add(node.output[0])
+    return activations, chain
 
 
 def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
@@ -210,12 +229,13 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
     op_types, exclude = list(s.op_types), list(s.nodes_to_exclude)
     float_model = onnx.load(str(source))
     if s.format == "qdq" and "Conv" in op_types:
-        # The activation right after a Conv carries the Conv's output quantization (the
-        # pattern that fuses); every other Relu/Clip stays float.
-        activations = set(conv_activation_outputs(float_model)) - set(exclude)
-        op_types += [t for t in CONV_ACTIVATIONS if t not in op_types]
-        exclude += [n.name for n in float_model.graph.node
-                    if n.op_type in CONV_ACTIVATIONS and n.name not in activations]
+        # Conv chains stay int8 from Conv to Conv; every other Relu/Clip/Add/pool/Concat
+        # stays float (a transformer's residual Adds and their LayerNorms among them).
+        activations, chain = conv_chain(float_model, exclude)
+        keep = set(activations) | set(chain)
+        added = [t for t in CONV_ACTIVATIONS + CONV_CHAIN_OPS if t not in op_types]
+        op_types += added
+        exclude += [n.name for n in float_model.graph.node if n.op_type in added and n.name not in keep]
     if s.method == "percentile":
         extra["CalibPercentile"] = 99.999
     if s.method != "minmax":
@@ -364,24 +384,33 @@ def float_only_violations(model: Any) -> list[str]:
     return bad
 
 
-def _conv_output(producers: dict[str, Any], name: str) -> bool:
-    """``name`` is a Conv's output, or the output of the Relu/Clip right after a Conv."""
+def _int8_output(producers: dict[str, Any], name: str) -> bool:
+    """``name`` is the int8 output of a Conv chain: a Conv's, a quantized chain node's
+    (every input through a DequantizeLinear), or the Relu/Clip right after either."""
     node = producers.get(name)
     if node is not None and node.op_type in CONV_ACTIVATIONS and node.input:
         node = producers.get(node.input[0])
-    return node is not None and node.op_type == "Conv"
+    return node is not None and _int8_node(producers, node)
+
+
+def _int8_node(producers: dict[str, Any], node: Any) -> bool:
+    if node.op_type == "Conv":
+        return True
+    return node.op_type in CONV_CHAIN_OPS and all(
+        producers.get(n) is not None and producers[n].op_type == "DequantizeLinear" for n in node.input if n)
 
 
 def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:
     """Rewire the non-quantized consumers of an activation Q/DQ pair to the float tensor.
 
-    Exception, for speed: a consumer of a Conv's int8 output (e.g. a residual Add, a
-    SiLU) keeps reading its DequantizeLinear, unless it is one of ``FLOAT_ONLY_OPS``. ONNX
+    Exception, for speed: a consumer of a Conv chain's int8 output (:func:`conv_chain`;
+    e.g. a SiLU, a Reshape) keeps reading its DequantizeLinear, unless it is one of
+    ``FLOAT_ONLY_OPS``. ONNX
     Runtime has no int8 convolution with a float output: a Conv whose output any node
     reads in float is not fused into QLinearConv and runs in float on weights
     dequantized at every run (measured: slower than the fp32 graph). The Relu/Clip
-    that carries a Conv's output quantization reads the Conv's float output (ORT folds
-    ``Conv -> Relu -> QuantizeLinear`` into one QLinearConv).
+    that carries a Conv's (or chain node's) output quantization reads its float output
+    (ORT folds ``Conv -> Relu -> QuantizeLinear`` into one QLinearConv).
 
     Returns the number of inputs rewired. Quantized graph outputs become Identity of
     the float tensor. Unused Q/DQ nodes are removed.
@@ -410,9 +439,8 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
             src = float_source(name)
             if src is None:
                 continue
-            reads_conv = _conv_output(producers, src)
-            carries_conv_output = node.op_type in CONV_ACTIVATIONS and producers[src].op_type == "Conv"
-            if reads_conv and not float_only and not carries_conv_output:
+            carries = node.op_type in CONV_ACTIVATIONS and _int8_node(producers, producers[src])
+            if _int8_output(producers, src) and not float_only and not carries:
                 continue
             node.input[i] = src
             rewired += 1

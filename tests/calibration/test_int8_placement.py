@@ -129,6 +129,7 @@ def test_quantized_convs_fuse_into_qlinearconv(conv_graph):
             assert all(run_producers.get(i) is None or run_producers[i].op_type != "DequantizeLinear"
                        for i in node.input[1:]), node.name
     assert "QGemm" in ops  # the Linear head
+    assert ops.count("QLinearAdd") == 1  # the residual Add, between int8 Convs
 
 
 def test_float_only_ops_read_float_and_silu_is_an_activation(conv_graph):
