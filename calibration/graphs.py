@@ -5,9 +5,18 @@ Decisions:
   TensorRT's explicit quantization and ORT's CPU/GPU kernels both take) or, for
   TensorRT targets, through nvidia-modelopt's ONNX quantization when it is installed
   (``backend="modelopt"``; imported lazily, never at module top).
-- Only Conv, MatMul and Gemm inputs are quantized (``QUANTIZED_OPS``), so LayerNorm,
-  Softmax, GELU (Erf arithmetic at opset 18) and output Sigmoid/Softmax stay in float;
-  tests/calibration/test_calibration.py checks the graph: no DequantizeLinear feeds those ops.
+- The compute ops Conv, MatMul and Gemm are quantized (``QUANTIZED_OPS``), and the
+  Conv-chain ops below; LayerNorm, Softmax, GELU (Erf arithmetic at opset 18) and
+  output Sigmoid/Softmax stay in float; tests/calibration/test_calibration.py checks
+  the graph: no DequantizeLinear feeds those ops.
+- Conv chains stay int8 from Conv to Conv (:func:`conv_chain`): the Relu/Clip right
+  after a Conv carries its output quantization, and a residual Add, pool or Concat
+  whose inputs are all int8 Conv outputs is quantized too, because ONNX Runtime's CPU
+  has no int8 convolution with a float output: a QDQ Conv whose output is read in
+  float is not fused into QLinearConv and runs in float on weights dequantized at
+  every run, slower than the fp32 graph (docs/int8-performance.md has the profile).
+  A Conv that still cannot fuse (its output feeds a float-only op, e.g. a squeeze-
+  excitation gate's Sigmoid, or is a graph output) gets its float weights back.
 - Weights int8, symmetric, per channel by default. Activations: uint8 asymmetric by
   default, the fast U8S8 kernels of x86 CPUs (ORT's S8S8 path is several times
   slower there); ``activation_type="int8"`` gives symmetric int8 activations with
@@ -21,7 +30,9 @@ Decisions:
   LayerNorm or Sigmoid that reads the output of a quantized MatMul would read the
   int8-rounded value. After quantization every consumer that is not one of
   ``QUANTIZED_OPS`` is rewired to the float tensor (:func:`keep_float_consumers`),
-  and a quantized graph output is restored to float: only Conv/MatMul/Gemm see INT8.
+  and a quantized graph output is restored to float; the exception is a Conv chain's
+  int8 output, which its other readers (a SiLU, a Reshape) read rounded so that the
+  Conv fuses, unless they are ``FLOAT_ONLY_OPS``.
 - Graphs go through ``quant_pre_process`` (shape inference + ORT basic optimisation)
   first; the prepared fp32 graph is kept by callers as the float reference for
   returning nodes to float (calibration/sensitivity.py).
