@@ -66,10 +66,10 @@ class GraphProfile:
     source_ops: dict[str, int] = field(default_factory=dict)  # operator -> count in the graph as stored
 
     def by_group(self) -> dict[str, float]:
-        groups: Counter[str] = Counter()
+        groups: dict[str, float] = {}
         for op, ms in self.by_op.items():
-            groups[op_group(op)] += ms
-        return dict(groups)
+            groups[op_group(op)] = groups.get(op_group(op), 0.0) + ms
+        return groups
 
     def to_dict(self) -> dict[str, Any]:
         return {"graph": self.graph, "runs": self.runs, "total_ms": round(self.total_ms, 3),
