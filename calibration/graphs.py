@@ -91,6 +91,8 @@ class QuantSettings:
     backend: str = "onnxruntime"
     op_types: tuple[str, ...] = QUANTIZED_OPS
     nodes_to_exclude: list[str] = field(default_factory=list)
+    # Weights within +-64: no u8 x s8 pair saturates on x86 CPUs without VNNI (runtime/cpu.py).
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("method", self.method, METHODS), ("format", self.format, FORMATS),
@@ -109,6 +111,7 @@ class QuantSettings:
             "activation_type": self.activation_type, "weight_type": self.weight_type,
             "activation_symmetric": self.activation_type == "int8", "quantized_ops": list(self.op_types),
             "tensorrt_compatible": self.format == "qdq" and self.activation_type == "int8" and self.weight_type == "int8",
+            "reduce_range": self.reduce_range,
         }
 
 
@@ -238,11 +241,17 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
         "QDQKeepRemovableActivations": True,
     }
     op_types, exclude = list(s.op_types), list(s.nodes_to_exclude)
+    carriers: list[str] = []
     float_model = onnx.load(str(source))
     if s.format == "qdq" and "Conv" in op_types:
         # Conv chains stay int8 from Conv to Conv; every other Relu/Clip/Add/pool/Concat
         # stays float (a transformer's residual Adds and their LayerNorms among them).
         activations, chain = conv_chain(float_model, exclude)
+        if s.activation_type != "uint8":
+            # ORT folds a Relu into a QuantizeLinear only when its zero point is the type's
+            # lowest value (asymmetric uint8); symmetric int8 quantizes the Conv's output itself.
+            activations = []
+        carriers = activations
         keep = set(activations) | set(chain)
         added = [t for t in CONV_ACTIVATIONS + CONV_CHAIN_OPS if t not in op_types]
         op_types += added
@@ -254,13 +263,13 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
     quantize_static(
         str(source), str(staged), _reader(feeds),
         quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=op_types, per_channel=s.per_channel,
+        op_types_to_quantize=op_types, per_channel=s.per_channel, reduce_range=s.reduce_range,
         activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,
         nodes_to_exclude=exclude, extra_options=extra,
     )
     if s.format == "qdq":
         model = onnx.load(str(staged))
-        keep_float_consumers(model, s.op_types)
+        keep_float_consumers(model, s.op_types, carriers)
         float_unfused_convs(model, float_model)
         onnx.save(model, str(staged))
 
@@ -310,7 +319,7 @@ def _modelopt_child(source: str, staged: str, data_path: str, method: str, op_ty
 def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                            per_channel: bool = True, weight_type: str = "int8",
                            op_types: Iterable[str] = ("MatMul",), weights_only_matmul: bool = False,
-                           fuse_gelu: bool = True) -> dict[str, Any]:
+                           fuse_gelu: bool = True, reduce_range: bool = False) -> dict[str, Any]:
     """Dynamic INT8 (CPU only): int8 weights, activation ranges computed per batch at run time.
 
     ``weights_only_matmul=False`` (default) also quantizes the attention products
@@ -335,6 +344,7 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         staged = Path(tmp) / "dynamic.onnx"
         with _quiet_preprocess_hint():
             quantize_dynamic(model, str(staged), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                             reduce_range=reduce_range,
                              weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
                              # DefaultTensorType: graphs with contrib ops (ORT's fused transformer
                              # ops) leave some tensors without an inferred type; they are float.
@@ -345,7 +355,8 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         save_model(quantized, out_path)
     return {"backend": "onnxruntime", "mode": "dynamic", "per_channel": per_channel, "weight_type": weight_type,
             "activation_type": "uint8 (per batch, at run time)", "quantized_ops": list(op_types),
-            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False}
+            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False,
+            "reduce_range": reduce_range}
 
 
 @contextlib.contextmanager
@@ -411,7 +422,7 @@ def _int8_node(producers: dict[str, Any], node: Any) -> bool:
         producers.get(n) is not None and producers[n].op_type == "DequantizeLinear" for n in node.input if n)
 
 
-def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:
+def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS, activations: Iterable[str] = ()) -> int:
     """Rewire the non-quantized consumers of an activation Q/DQ pair to the float tensor.
 
     Exception, for speed: a consumer of a Conv chain's int8 output (:func:`conv_chain`;
@@ -420,8 +431,8 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
     Runtime has no int8 convolution with a float output: a Conv whose output any node
     reads in float is not fused into QLinearConv and runs in float on weights
     dequantized at every run (measured: slower than the fp32 graph). The Relu/Clip
-    that carries a Conv's (or chain node's) output quantization reads its float output
-    (ORT folds ``Conv -> Relu -> QuantizeLinear`` into one QLinearConv).
+    nodes in ``activations`` carry a Conv's (or chain node's) output quantization and
+    read its float output (ORT folds ``Conv -> Relu -> QuantizeLinear`` into one QLinearConv).
 
     Returns the number of inputs rewired. Quantized graph outputs become Identity of
     the float tensor. Unused Q/DQ nodes are removed.
@@ -433,6 +444,7 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
     initializers = {i.name for i in graph.initializer}
     keep = set(quantized_ops) | {"QuantizeLinear", "DequantizeLinear"}
     gating = gating_sigmoids(model)
+    carriers = set(activations)
 
     def float_source(name: str) -> str | None:
         dq = producers.get(name)
@@ -450,7 +462,7 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
             src = float_source(name)
             if src is None:
                 continue
-            carries = node.op_type in CONV_ACTIVATIONS and _int8_node(producers, producers[src])
+            carries = node.name in carriers and _int8_node(producers, producers[src])
             if _int8_output(producers, src) and not float_only and not carries:
                 continue
             node.input[i] = src

@@ -51,6 +51,7 @@ from edgederm.runtime.staging import make_staging
 
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
 from .clinical import refit_clinical
+from .cpu_form import GRAPH_CPU_KEYS, cpu_lines, cpu_record
 from .fidelity import classification_fidelity, segmentation_fidelity
 from .gate import GateTerm, check_defined, clinical_metrics, format_table, gate_table, parse_gate
 from .graphs import (BACKENDS, FORMATS, INT8_TYPES, METHODS, QUANTIZED_OPS, QuantizeError, QuantSettings, prepare_graph,
@@ -183,9 +184,13 @@ def quantize_bundle(
     seed: int = 0, say: Callable[[str], None] = print, target_agreement: float | None = 0.99,
     format: str = "qdq", activation_type: str = "uint8", weight_type: str = "int8", backend: str = "onnxruntime",
     sensitivity_seconds: float = 60.0, max_units: int = 256, batch_size: int = 8, threads: int = 2,
-    gate: str | None = None,
+    gate: str | None = None, for_cpu: str | None = None,
 ) -> dict[str, Any]:
     """Add a ``precision`` graph per stage to ``bundle``; store and return the calibration report.
+
+    ``for_cpu``: the int8 kernel class of the CPU the int8 graphs are for (runtime/cpu.py:
+    ``avx2`` for x86 without VNNI, ``vnni``, ``amx``, ``arm-dot`` ...); None: this CPU's.
+    Classes whose u8 x s8 kernels saturate get 7-bit weights (:func:`cpu_record`).
 
     ``target_agreement``: decision agreement with fp32 (calibration cases, end to end)
     the int8 graphs must reach; nodes return to float until they do. None: no fallback.
@@ -199,8 +204,11 @@ def quantize_bundle(
     if target_agreement is not None and not 0.0 < target_agreement <= 1.0:
         raise InputError(f"target_agreement must be in (0, 1]; got {target_agreement} (e.g. 0.99)")
     terms = parse_gate(gate) if gate else None
+    cpu = cpu_record(precision, for_cpu, backend, activation_type)
+    reduce_range = bool(cpu and cpu["saturation_free"])
     settings = QuantSettings(method=method, per_channel=per_channel, format=format, activation_type=activation_type,
-                             weight_type=weight_type, backend=backend) if precision == "int8" else None
+                             weight_type=weight_type, backend=backend, reduce_range=reduce_range) \
+        if precision == "int8" else None
     start = time.monotonic()
     manifest = read_manifest(bundle)
     root = manifest.root
@@ -217,7 +225,9 @@ def quantize_bundle(
     try:
         report = _quantize(manifest, calib, eval_cases, held_out, precision, settings, staging, say=say,
                            target=target_agreement, seed=seed, sensitivity_seconds=sensitivity_seconds,
-                           max_units=max_units, batch_size=batch_size, threads=threads, gate=terms)
+                           max_units=max_units, batch_size=batch_size, threads=threads, gate=terms,
+                           reduce_range=reduce_range)
+        report["cpu"] = cpu
         report["seconds"] = round(time.monotonic() - start, 1)
         _commit(manifest, precision, report, staging, say)
     finally:
@@ -229,7 +239,7 @@ def quantize_bundle(
 def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: bool, precision: str,
               settings: QuantSettings | None, staging: Path, *, say: Callable[[str], None], target: float | None,
               seed: int, sensitivity_seconds: float, max_units: int, batch_size: int, threads: int,
-              gate: list[GateTerm] | None = None) -> dict[str, Any]:
+              gate: list[GateTerm] | None = None, reduce_range: bool = False) -> dict[str, Any]:
     import onnx
 
     root = manifest.root
@@ -326,7 +336,8 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             for stage in stages:
                 name = stage.name
                 path = staging / f"{name}.int8_dynamic{'.weights' if weights_only else ''}.onnx"
-                stage_info[name] = quantize_dynamic_graph(fp32[name], path, weights_only_matmul=weights_only)
+                stage_info[name] = quantize_dynamic_graph(fp32[name], path, weights_only_matmul=weights_only,
+                                                          reduce_range=reduce_range)
                 staged[name] = f"{rel}/{path.name}"
             form = "weight MatMuls" if weights_only else "every MatMul (attention products too)"
             say(f"  dynamic INT8 of {form}; {sum(i['fused_gelu'] for i in stage_info.values())} GELU fused")
@@ -479,6 +490,8 @@ def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging:
         if old and old != final:
             previous.append(old)
         stage["graphs"][precision] = {"file": final, "sha256": digest}
+        if report.get("cpu"):
+            stage["graphs"][precision]["cpu"] = {k: report["cpu"][k] for k in GRAPH_CPU_KEYS}
         data["files"][final] = {"sha256": digest, "bytes": (root / final).stat().st_size}
     still_used = {g["file"] for s in data["stages"] for g in s["graphs"].values()}
     for old in previous:
@@ -542,6 +555,9 @@ def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
         say(f"  {key:<24} {_fmt(fid[key])}")
     for name, change in (fid.get("recall_change") or {}).items():
         say(f"  recall change {name:<10} {change:+.4f}")
+    if report.get("cpu"):
+        for line in cpu_lines(report["cpu"]):
+            say(line)
     latency = report.get("latency")
     if latency:
         say(f"  CPU inference per image    fp32 {latency['fp32_ms']:.1f} ms, {report['precision']} {latency['ms']:.1f} ms "
