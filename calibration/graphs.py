@@ -5,9 +5,18 @@ Decisions:
   TensorRT's explicit quantization and ORT's CPU/GPU kernels both take) or, for
   TensorRT targets, through nvidia-modelopt's ONNX quantization when it is installed
   (``backend="modelopt"``; imported lazily, never at module top).
-- Only Conv, MatMul and Gemm inputs are quantized (``QUANTIZED_OPS``), so LayerNorm,
-  Softmax, GELU (Erf arithmetic at opset 18) and output Sigmoid/Softmax stay in float;
-  tests/calibration/test_calibration.py checks the graph: no DequantizeLinear feeds those ops.
+- The compute ops Conv, MatMul and Gemm are quantized (``QUANTIZED_OPS``), and the
+  Conv-chain ops below; LayerNorm, Softmax, GELU (Erf arithmetic at opset 18) and
+  output Sigmoid/Softmax stay in float; tests/calibration/test_calibration.py checks
+  the graph: no DequantizeLinear feeds those ops.
+- Conv chains stay int8 from Conv to Conv (:func:`conv_chain`): the Relu/Clip right
+  after a Conv carries its output quantization, and a residual Add, pool or Concat
+  whose inputs are all int8 Conv outputs is quantized too, because ONNX Runtime's CPU
+  has no int8 convolution with a float output: a QDQ Conv whose output is read in
+  float is not fused into QLinearConv and runs in float on weights dequantized at
+  every run, slower than the fp32 graph (docs/int8-performance.md has the profile).
+  A Conv that still cannot fuse (its output feeds a float-only op, e.g. a squeeze-
+  excitation gate's Sigmoid, or is a graph output) gets its float weights back.
 - Weights int8, symmetric, per channel by default. Activations: uint8 asymmetric by
   default, the fast U8S8 kernels of x86 CPUs (ORT's S8S8 path is several times
   slower there); ``activation_type="int8"`` gives symmetric int8 activations with
@@ -21,7 +30,9 @@ Decisions:
   LayerNorm or Sigmoid that reads the output of a quantized MatMul would read the
   int8-rounded value. After quantization every consumer that is not one of
   ``QUANTIZED_OPS`` is rewired to the float tensor (:func:`keep_float_consumers`),
-  and a quantized graph output is restored to float: only Conv/MatMul/Gemm see INT8.
+  and a quantized graph output is restored to float; the exception is a Conv chain's
+  int8 output, which its other readers (a SiLU, a Reshape) read rounded so that the
+  Conv fuses, unless they are ``FLOAT_ONLY_OPS``.
 - Graphs go through ``quant_pre_process`` (shape inference + ORT basic optimisation)
   first; the prepared fp32 graph is kept by callers as the float reference for
   returning nodes to float (calibration/sensitivity.py).
@@ -38,7 +49,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -58,6 +69,11 @@ INT8_TYPES = ("uint8", "int8")
 BACKENDS = ("onnxruntime", "modelopt")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 PERCENTILE = 99.999
+# Activations a Conv's int8 output goes through before its QuantizeLinear: ONNX Runtime
+# folds Relu/Clip -> QuantizeLinear into the Q's range, so Conv -> Relu -> Q fuses into one
+# QLinearConv; and the ops between Convs that ORT's CPU runs in int8 (see :func:`conv_chain`).
+CONV_ACTIVATIONS = ("Relu", "Clip")
+CONV_CHAIN_OPS = ("Add", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool")
 # Ops whose inputs must never come out of a DequantizeLinear (they stay float).
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Gelu", "Sigmoid", "BatchNormalization",
                   "InstanceNormalization", "GroupNormalization")
@@ -248,7 +264,44 @@ def calibration_ranges(source: str | os.PathLike[str], feeds: Iterable[dict[str,
         del calibrator, session
 
 
+def conv_chain(model: Any, exclude: Iterable[str] = ()) -> tuple[list[str], list[str]]:
+    """The nodes that keep a Conv's output in int8 until the next Conv: ``(activations, chain)``.
+
+    ``activations``: Relu/Clip nodes that are the only reader of an int8 tensor; their
+    output carries the quantization (ORT folds ``Conv -> Relu -> QuantizeLinear`` into
+    one QLinearConv). ``chain``: ``CONV_CHAIN_OPS`` nodes (a residual Add, a pool, a
+    Concat) all of whose activation inputs are int8 Conv-chain tensors; ORT runs them
+    in int8 (QLinearAdd, QLinearConcat, uint8 MaxPool ...) in its NHWC layout, so the
+    chain needs no float pass between its Convs. Anything else stays float.
+    """
+    skip = set(exclude)
+    initializers = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    int8: set[str] = set()
+    activations: list[str] = []
+    chain: list[str] = []
+    for node in model.graph.node:  # graph order is topological
+        if node.name in skip:
+            continue
+        data = [n for n in node.input if n and n not in initializers]
+        if node.op_type == "Conv":
+            int8.add(node.output[0])
+        elif (node.op_type in CONV_ACTIVATIONS and data and data[0] in int8 and readers.get(data[0]) == 1
+              and data[0] not in outputs):
+            activations.append(node.name)
+            int8.add(node.output[0])
+        elif node.op_type in CONV_CHAIN_OPS and data and all(n in int8 for n in data):
+            chain.append(node.name)
+            int8.add(node.output[0])
+    return activations, chain
+
+
 def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -258,25 +311,45 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
     extra: dict[str, Any] = {
         "ActivationSymmetric": s.activation_type == "int8", "WeightSymmetric": True,
         "CalibMovingAverage": s.method == "minmax",
+        # Relu/Clip stay in the graph (not folded into the upstream tensor, which would give
+        # a pre-activation tensor the activation's name): every float tensor keeps its meaning
+        # for the float rewiring below and for returning nodes to float.
+        "QDQKeepRemovableActivations": True,
     }
+    op_types, exclude = list(s.op_types), list(s.nodes_to_exclude)
+    carriers: list[str] = []
+    float_model = onnx.load(str(source))
+    if s.format == "qdq" and "Conv" in op_types:
+        # Conv chains stay int8 from Conv to Conv; every other Relu/Clip/Add/pool/Concat
+        # stays float (a transformer's residual Adds and their LayerNorms among them).
+        activations, chain = conv_chain(float_model, exclude)
+        if s.activation_type != "uint8":
+            # ORT folds a Relu into a QuantizeLinear only when its zero point is the type's
+            # lowest value (asymmetric uint8); symmetric int8 quantizes the Conv's output itself.
+            activations = []
+        carriers = activations
+        keep = set(activations) | set(chain)
+        added = [t for t in CONV_ACTIVATIONS + CONV_CHAIN_OPS if t not in op_types]
+        op_types += added
+        exclude += [n.name for n in float_model.graph.node if n.op_type in added and n.name not in keep]
     if s.method == "percentile":
         extra["CalibPercentile"] = PERCENTILE
     # The ranges are computed here, streamed, and handed to quantize_static as its
-    # calibration cache: it then skips its own (all-batches-in-memory) collection.
+    # calibration cache: it then skips its own (all-batches-in-memory) collection. The
+    # conv-chain activations added above need ranges too, so they are calibrated as well.
     cache = staged.with_name("ranges.json")
-    save_tensors_data(calibration_ranges(source, feeds, s, staged.parent), cache)
+    save_tensors_data(calibration_ranges(source, feeds, replace(s, op_types=tuple(op_types)), staged.parent), cache)
     quantize_static(
         str(source), str(staged), None, calibration_cache_path=str(cache),
         quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel, reduce_range=s.reduce_range,
+        op_types_to_quantize=op_types, per_channel=s.per_channel, reduce_range=s.reduce_range,
         activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,
-        nodes_to_exclude=list(s.nodes_to_exclude), extra_options=extra,
+        nodes_to_exclude=exclude, extra_options=extra,
     )
     if s.format == "qdq":
-        import onnx
-
         model = onnx.load(str(staged))
-        keep_float_consumers(model, s.op_types)
+        keep_float_consumers(model, s.op_types, carriers)
+        float_unfused_convs(model, float_model)
         onnx.save(model, str(staged))
 
 
@@ -381,12 +454,30 @@ def _quiet_preprocess_hint() -> Iterator[None]:
         logging.getLogger().removeFilter(drop)
 
 
+def gating_sigmoids(model: Any) -> set[str]:
+    """Sigmoid nodes of a SiLU/Swish ``x * sigmoid(x)``: an activation, not an output or a
+    normalisation, so it may read a Conv's int8 output (EfficientNet's every Conv has one)."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    gating = set()
+    for node in model.graph.node:
+        if node.op_type == "Sigmoid" and any(
+                u.op_type == "Mul" and set(u.input) == {node.input[0], node.output[0]}
+                for u in consumers.get(node.output[0], [])):
+            gating.add(node.name)
+    return gating
+
+
 def float_only_violations(model: Any) -> list[str]:
-    """Nodes of FLOAT_ONLY_OPS that take an input straight from a DequantizeLinear (should be none)."""
+    """Nodes of FLOAT_ONLY_OPS that take an input straight from a DequantizeLinear (should be
+    none); the Sigmoid of a SiLU (:func:`gating_sigmoids`) is an activation and may."""
     producers = {out: node for node in model.graph.node for out in node.output}
+    gating = gating_sigmoids(model)
     bad = []
     for node in model.graph.node:
-        if node.op_type in FLOAT_ONLY_OPS:
+        if node.op_type in FLOAT_ONLY_OPS and node.name not in gating:
             for name in node.input:
                 src = producers.get(name)
                 if src is not None and src.op_type == "DequantizeLinear":
@@ -394,8 +485,33 @@ def float_only_violations(model: Any) -> list[str]:
     return bad
 
 
-def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS) -> int:
-    """Rewire every non-quantized consumer of an activation Q/DQ pair to the float tensor.
+def _int8_output(producers: dict[str, Any], name: str) -> bool:
+    """``name`` is the int8 output of a Conv chain: a Conv's, a quantized chain node's
+    (every input through a DequantizeLinear), or the Relu/Clip right after either."""
+    node = producers.get(name)
+    if node is not None and node.op_type in CONV_ACTIVATIONS and node.input:
+        node = producers.get(node.input[0])
+    return node is not None and _int8_node(producers, node)
+
+
+def _int8_node(producers: dict[str, Any], node: Any) -> bool:
+    if node.op_type == "Conv":
+        return True
+    return node.op_type in CONV_CHAIN_OPS and all(
+        producers.get(n) is not None and producers[n].op_type == "DequantizeLinear" for n in node.input if n)
+
+
+def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OPS, activations: Iterable[str] = ()) -> int:
+    """Rewire the non-quantized consumers of an activation Q/DQ pair to the float tensor.
+
+    Exception, for speed: a consumer of a Conv chain's int8 output (:func:`conv_chain`;
+    e.g. a SiLU, a Reshape) keeps reading its DequantizeLinear, unless it is one of
+    ``FLOAT_ONLY_OPS``. ONNX
+    Runtime has no int8 convolution with a float output: a Conv whose output any node
+    reads in float is not fused into QLinearConv and runs in float on weights
+    dequantized at every run (measured: slower than the fp32 graph). The Relu/Clip
+    nodes in ``activations`` carry a Conv's (or chain node's) output quantization and
+    read its float output (ORT folds ``Conv -> Relu -> QuantizeLinear`` into one QLinearConv).
 
     Returns the number of inputs rewired. Quantized graph outputs become Identity of
     the float tensor. Unused Q/DQ nodes are removed.
@@ -406,6 +522,8 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {i.name for i in graph.initializer}
     keep = set(quantized_ops) | {"QuantizeLinear", "DequantizeLinear"}
+    gating = gating_sigmoids(model)
+    carriers = set(activations)
 
     def float_source(name: str) -> str | None:
         dq = producers.get(name)
@@ -418,11 +536,16 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
     for node in graph.node:
         if node.op_type in keep:
             continue
+        float_only = node.op_type in FLOAT_ONLY_OPS and node.name not in gating
         for i, name in enumerate(node.input):
             src = float_source(name)
-            if src is not None:
-                node.input[i] = src
-                rewired += 1
+            if src is None:
+                continue
+            carries = node.name in carriers and _int8_node(producers, producers[src])
+            if _int8_output(producers, src) and not float_only and not carries:
+                continue
+            node.input[i] = src
+            rewired += 1
     for out in graph.output:
         dq = producers.get(out.name)
         src = float_source(out.name)
@@ -433,3 +556,49 @@ def keep_float_consumers(model: Any, quantized_ops: Iterable[str] = QUANTIZED_OP
             rewired += 1
     remove_unused(model)
     return rewired
+
+
+def unfused_convs(model: Any) -> list[str]:
+    """Conv nodes with int8 weights (a DequantizeLinear of an initializer) whose output is
+    not read only by QuantizeLinear (directly or through the one Relu/Clip ORT folds):
+    ONNX Runtime cannot fuse them into QLinearConv."""
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+
+    def only_quantized(name: str, hop: bool) -> bool:
+        users = consumers.get(name, [])
+        if name in outputs or not users:
+            return False
+        if all(u.op_type == "QuantizeLinear" for u in users):
+            return True
+        return (hop and len(users) == 1 and users[0].op_type in CONV_ACTIVATIONS
+                and only_quantized(users[0].output[0], False))
+
+    bad = []
+    for node in model.graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        weight = producers.get(node.input[1])
+        if weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in initializers \
+                and not only_quantized(node.output[0], True):
+            bad.append(node.name)
+    return bad
+
+
+def float_unfused_convs(model: Any, float_model: Any) -> list[str]:
+    """Give float weights (no per-run DequantizeLinear) to every Conv ORT could not fuse; in place.
+
+    Such a Conv runs in float anyway. Its input keeps reading its DequantizeLinear, so
+    the Conv upstream still fuses (an SE block's second Conv would otherwise pull the
+    first one out of int8)."""
+    from .sensitivity import return_to_float
+
+    names = unfused_convs(model)
+    if names:
+        model.CopyFrom(return_to_float(model, float_model, names, weights_only=True))
+    return names

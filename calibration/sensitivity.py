@@ -31,7 +31,7 @@ import numpy as np
 
 from .fidelity import relative_error
 from .fusions import remove_unused
-from .graphs import QUANTIZED_OPS
+from .graphs import CONV_ACTIVATIONS, QUANTIZED_OPS
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,11 @@ def quantized_nodes(model: Any, op_types: Sequence[str] = QUANTIZED_OPS) -> list
     return names
 
 
-def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str]) -> Any:
-    """A copy of ``qdq_model`` with ``nodes`` computing in float (see module docs)."""
+def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str], weights_only: bool = False) -> Any:
+    """A copy of ``qdq_model`` with ``nodes`` computing in float (see module docs).
+
+    ``weights_only``: only weights and biases return to float; activations keep reading
+    their DequantizeLinear, so the node that produced them stays int8."""
     import onnx
 
     model = onnx.ModelProto()
@@ -75,7 +78,8 @@ def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str]) -> A
                 continue
             q = producers.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]  # activation: the float tensor before Q
+                if not weights_only:
+                    node.input[i] = q.input[0]  # activation: the float tensor before Q
                 continue
             # weight / bias: the float initializer of the fp32 graph
             if reference is None or i >= len(reference.input) or reference.input[i] not in float_inits:
@@ -92,8 +96,27 @@ def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str]) -> A
                 graph.initializer.append(init)
                 have_init.add(target)
             node.input[i] = target
+    if not weights_only:
+        _float_conv_readers(graph, wanted)
     remove_unused(model)
     return model
+
+
+def _float_conv_readers(graph: Any, floated: set[str]) -> None:
+    """Non-quantized readers of a floated Conv's int8 output (a residual Add, a SiLU) read
+    it in float again: they read it through Q/DQ only so that the Conv could fuse."""
+    outputs = {out for node in graph.node if node.name in floated and node.op_type == "Conv" for out in node.output}
+    outputs |= {node.output[0] for node in graph.node if node.op_type in CONV_ACTIVATIONS and node.input
+                and node.input[0] in outputs}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in outputs:
+                node.input[i] = q.input[0]
 
 
 def only_quantized(qdq_model: Any, float_model: Any, node: str, all_nodes: Sequence[str]) -> Any:

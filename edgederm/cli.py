@@ -222,6 +222,20 @@ def cmd_bench_precision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from edgederm.calibration.profile import format_profiles, profile_bundle
+
+    profiles = profile_bundle(args.bundle, _names(args.precision) if args.precision else None, batch=args.batch,
+                              runs=args.runs, threads=args.threads)
+    if args.json:
+        _print_json({stage: {p: prof.to_dict() for p, prof in per.items()} for stage, per in profiles.items()})
+    else:
+        for stage, per in profiles.items():
+            print(f"stage {stage} (ms per run, nodes in parentheses):")
+            print(format_profiles(per, top=args.top))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from edgederm.runtime import load
 
@@ -677,6 +691,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a trained RemixFormer++ checkpoint folder: benchmark its window encoder (default: seeded random ViT-S)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_precision)
+
+    p = sub.add_parser("profile", help="per-node CPU profile of a bundle's graphs, per precision: where INT8 time goes",
+                       description="Run each stage of BUNDLE with ONNX Runtime's profiler under the runtime's session "
+                                   "options and group node time by operator: int8 kernels (QLinearConv, QGemm, ...), "
+                                   "quantize/dequantize passes, layout transposes, float ops; plus the operators of the "
+                                   "graph ONNX Runtime optimised. Shares of a profiled run, not latencies (see bench).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--precision", default=None, help="comma-separated precisions (default: every one the bundle holds)")
+    p.add_argument("--batch", type=int, default=None, help="batch per run (default: the tile batch of a tiled stage, else 1)")
+    p.add_argument("--runs", type=int, default=5, help="profiled runs after one warm-up (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's, min(2, cores))")
+    p.add_argument("--top", type=int, default=15, help="operators listed per table (default 15)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("predict", help="run a bundle on an image file",
                        description="Load BUNDLE (hashes verified) and predict IMAGE. No torch needed.")

@@ -19,7 +19,8 @@ from torch import nn  # noqa: E402
 
 from edgederm.calibration import fidelity as fid  # noqa: E402
 from edgederm.calibration.data import batch_feeds, select_calibration  # noqa: E402
-from edgederm.calibration.graphs import (FLOAT_ONLY_OPS, QuantSettings, float_only_violations,  # noqa: E402
+from edgederm.calibration.graphs import (CONV_ACTIVATIONS, CONV_CHAIN_OPS, FLOAT_ONLY_OPS, QuantSettings,  # noqa: E402
+                                         float_only_violations,
                                          quantize_dynamic_graph, quantize_graph)
 from edgederm.runtime.backends.base import Backend, TensorInfo  # noqa: E402
 from edgederm.runtime.errors import InputError  # noqa: E402
@@ -277,11 +278,16 @@ def test_int8_forms_keep_float_ops_out(block_graph, tmp_path, fmt, act):
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         assert float_only_violations(model) == []
         producers = {o: n for n in model.graph.node for o in n.output}
-        for node in model.graph.node:  # Conv/MatMul/Gemm are the only ones reading INT8
+        for node in model.graph.node:  # Conv/MatMul/Gemm read INT8; others only a Conv's int8 output
             for name in node.input:
                 src = producers.get(name)
-                if src is not None and src.op_type == "DequantizeLinear":
-                    assert node.op_type in ("Conv", "MatMul", "Gemm"), node.op_type
+                if src is not None and src.op_type == "DequantizeLinear" and node.op_type not in ("Conv", "MatMul", "Gemm"):
+                    q = producers[src.input[0]]
+                    float_tensor = producers.get(q.input[0])
+                    if float_tensor is not None and float_tensor.op_type in CONV_ACTIVATIONS:
+                        float_tensor = producers.get(float_tensor.input[0])
+                    assert float_tensor is not None and float_tensor.op_type in ("Conv",) + CONV_CHAIN_OPS, node.op_type
+                    assert node.op_type not in FLOAT_ONLY_OPS, node.op_type
         quantized = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
                      and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
         assert len(quantized) >= 6
