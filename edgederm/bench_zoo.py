@@ -67,7 +67,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 __all__ = ["ZooBenchConfig", "DEFAULT_MODELS", "run_zoo_bench", "format_zoo_report", "plot_zoo_report",
-           "TORCH_ENGINES", "parse_models"]
+           "TORCH_ENGINES", "parse_models",
+           "parse_torch_engines", "calibration_folder", "prepare_model"]
 
 DEFAULT_MODELS = ("hifuse_t", "sgmcnet_50", "transxv2s_net", "cfformer_s", "remixformer_pp")
 TORCH_ENGINES = ("torch:fp32", "torch:bf16", "torch:compile")
@@ -109,6 +110,20 @@ def parse_models(text: str) -> list[str]:
     if not names or unknown:
         raise InputError(f"--models {text!r}: unknown {unknown or 'empty list'}; expected registered names, e.g. "
                          f"{','.join(DEFAULT_MODELS)} (see `edgederm models --all`)")
+    return names
+
+
+def parse_torch_engines(text: str) -> list[str]:
+    """``torch:fp32,torch:bf16,torch:compile`` (any subset), or ``none``."""
+    from edgederm.runtime.errors import InputError
+
+    if text.strip().lower() == "none":
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TORCH_ENGINES]
+    if unknown:
+        raise InputError(f"--torch-engines {text!r}: unknown {unknown}; expected a subset of {','.join(TORCH_ENGINES)} "
+                         "or none")
     return names
 
 

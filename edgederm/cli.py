@@ -316,13 +316,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_models(args: argparse.Namespace) -> int:
     """``edgederm bench --all-models`` / ``--models a,b``: edgederm/bench_zoo.py."""
-    from edgederm.bench_zoo import DEFAULT_MODELS, ZooBenchConfig, format_zoo_report, parse_models, plot_zoo_report, \
-        run_zoo_bench
+    from edgederm.bench_zoo import DEFAULT_MODELS, ZooBenchConfig, format_zoo_report, parse_models, \
+        parse_torch_engines, plot_zoo_report, run_zoo_bench
     from edgederm.runtime.bundle import write_json_atomic
 
     config = ZooBenchConfig(work=args.work, models=parse_models(args.models) if args.models else DEFAULT_MODELS,
                             rounds=args.rounds, size=args.size, calib_images=args.calib_images,
-                            cold_start=not args.no_cold_start, threads=args.threads or 2)
+                            cold_start=not args.no_cold_start, threads=args.threads or 2,
+                            torch_engines=parse_torch_engines(args.torch_engines))
     report = run_zoo_bench(config)
     if args.plot:
         plot_zoo_report(report, args.plot)
@@ -731,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="--all-models: timed rounds per engine (median; default 3)")
     p.add_argument("--size", type=int, default=None, help="--all-models: dermoscopy side for every model (default: per model)")
     p.add_argument("--calib-images", type=int, default=4, help="--all-models: calibration images for quantize (default 4)")
+    p.add_argument("--torch-engines", default="torch:fp32,torch:bf16,torch:compile",
+                   help="--all-models: the PyTorch peers (default torch:fp32,torch:bf16,torch:compile; none for none)")
     p.add_argument("--no-cold-start", action="store_true", help="--all-models: skip the cold-start processes")
     _add_trusted_key(p)
     p.set_defaults(func=cmd_bench)
