@@ -95,6 +95,7 @@ class ZooBenchConfig:
     threads: int = 2
     seed: int = 0
     timeout: float = 3600.0  # per worker request
+    compile_timeout: float = 900.0  # torch.compile's load + first prediction (it compiles then)
     peak_n: int = 2048
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -360,8 +361,9 @@ class Worker:
             return {"error": f"worker exited: {self._tail()}"}
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            self.close()
-            return {"error": f"no answer within {timeout:.0f} s"}
+            self.proc.kill()  # a worker past its time is stuck, or too slow to be measured here
+            self.proc.wait()
+            return {"error": f"no answer within {timeout:.0f} s (request {request.get('op')!r}); the worker was stopped"}
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait(timeout=30)
@@ -566,7 +568,9 @@ def _bench_model(name: str, checkpoint: Path, bundle: Path, manifest: Any, confi
                     cold.close()
                     entry.setdefault("cold_start", {})[engine] = _start_figures(cold.setup, cache_state="empty")
             say(f"{name}: starting {engine} (load + one untimed prediction)")
-            worker = Worker(engine, {**base, "engine": engine}, logs / f"{engine.replace(':', '_')}.log", env)
+            setup_timeout = config.compile_timeout if engine == "torch:compile" else config.timeout
+            worker = Worker(engine, {**base, "engine": engine, "timeout": setup_timeout},
+                            logs / f"{engine.replace(':', '_')}.log", env)
             if "error" in worker.setup:
                 say(f"  {engine} skipped: {worker.setup['error']}")
                 entry["skipped"][engine] = worker.setup["error"]
