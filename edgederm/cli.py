@@ -323,7 +323,8 @@ def _bench_models(args: argparse.Namespace) -> int:
     config = ZooBenchConfig(work=args.work, models=parse_models(args.models) if args.models else DEFAULT_MODELS,
                             rounds=args.rounds, size=args.size, calib_images=args.calib_images,
                             cold_start=not args.no_cold_start, threads=args.threads or 2,
-                            torch_engines=parse_torch_engines(args.torch_engines))
+                            torch_engines=parse_torch_engines(args.torch_engines),
+                            precisions=[] if args.quantize == "none" else [p.strip() for p in args.quantize.split(",")])
     report = run_zoo_bench(config)
     if args.plot:
         plot_zoo_report(report, args.plot)
@@ -734,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=4, help="--all-models: calibration images for quantize (default 4)")
     p.add_argument("--torch-engines", default="torch:fp32,torch:bf16,torch:compile",
                    help="--all-models: the PyTorch peers (default torch:fp32,torch:bf16,torch:compile; none for none)")
+    p.add_argument("--quantize", default="int8,int8_dynamic", choices=["int8,int8_dynamic", "int8", "int8_dynamic", "none"], metavar="P,Q|none",
+                   help="--all-models: precisions `quantize` adds when the cached bundle lacks them (none: benchmark "
+                        "what the bundles hold)")
     p.add_argument("--no-cold-start", action="store_true", help="--all-models: skip the cold-start processes")
     _add_trusted_key(p)
     p.set_defaults(func=cmd_bench)
