@@ -235,8 +235,11 @@ def benchmark_inputs(name: str, manifest: Any, config: ZooBenchConfig) -> dict[s
     if "clinical" in manifest.model.modalities:
         out["clinical"] = str(jpeg(config.seed + 1, config.clinical_size)[0])
         out["clinical_side"] = config.clinical_size
-    if "metadata" in manifest.model.modalities:
-        out["metadata"] = metadata
+    if "metadata" in manifest.model.modalities and manifest.model.metadata_schema is not None:
+        from edgederm.runtime.metadata import load_schema
+
+        # the generator's fields that this model's schema reads (predict refuses the others)
+        out["metadata"] = load_schema(manifest.model.metadata_schema).select(metadata)
     return out
 
 
