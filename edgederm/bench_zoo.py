@@ -527,7 +527,7 @@ def run_zoo_bench(config: ZooBenchConfig, say: Callable[[str], None] | None = No
 
 
 def _best_peaks(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = {"start": a, "end": b}
+    out: dict[str, Any] = {"start": a, "end": b}
     for key, path in (("fp32_gflops", None), ("bf16_gflops", "bf16_path"), ("int8_gops", "int8_path")):
         pick = max((a, b), key=lambda p: p.get(key) or 0.0)
         out[key] = pick.get(key)
@@ -677,8 +677,8 @@ def _summarise_model(entry: dict[str, Any], peak: dict[str, Any]) -> None:
         units = stage_units(manifest, rounds[0]["run"])
         per_stage: dict[str, Any] = {}
         for stage in entry["stages"]:
-            ms_values = [stage_ms(manifest, t["timings_ms"]).get(stage) for t in rounds]
-            ms_values = [v for v in ms_values if v is not None and math.isfinite(v)]
+            found = [stage_ms(manifest, t["timings_ms"]).get(stage) for t in rounds]
+            ms_values = [v for v in found if v is not None and math.isfinite(v)]
             if not ms_values:
                 continue
             ms = statistics.median(ms_values)
