@@ -15,8 +15,12 @@ every feed the pipeline hands a backend. Decisions taken here:
   image stands in (a warning says so and the bundle records it).
 - ``metadata``: the CSV columns encoded with the manifest's schema (unknown columns
   dropped, empty = missing).
-Tiles and windows are many per image; at most ``max_units`` per stage are kept for
-calibration, drawn with the seed, all images represented.
+Tiles and windows are many per image (64 windows of a 2048x2048 image): each image
+keeps a seeded sample of its rows per stage, drawn while the pipeline streams them
+(:class:`RowSample`), so memory holds the sample and not every window of every image;
+then at most ``max_units`` rows per stage are kept for calibration, all images
+represented. The fp32 pass that records the feeds also keeps each case's fp32 logits:
+``quantize`` takes its reference decisions from them instead of a second fp32 pass.
 """
 from __future__ import annotations
 
@@ -138,6 +142,7 @@ class StageInputs:
         self.say = say
         self.notes: list[str] = []
         self._schema: Any = None
+        self.logits: list[np.ndarray] = []  # fp32 logits per case of the latest run (classifiers)
 
     def request(self, case: Case, image: np.ndarray, read: Callable[[Path], np.ndarray] = read_image) -> Request:
         model = self.manifest.model
@@ -160,8 +165,14 @@ class StageInputs:
             metadata = self._schema.select(case.metadata)
         return Request(image, clinical, metadata)
 
-    def run(self, cases: list[Case], graphs: Mapping[str, str | os.PathLike[str]],
-            threads: int = 2) -> dict[str, list[dict[str, np.ndarray]]]:
+    def run(self, cases: list[Case], graphs: Mapping[str, str | os.PathLike[str]], threads: int = 2,
+            rows_per_case: int | None = None, seed: int = 0,
+            tick: Callable[[int], None] | None = None) -> dict[str, list[dict[str, np.ndarray]]]:
+        """Per stage, the per-case input dicts; ``rows_per_case``: keep at most that many rows
+        (tiles, windows) of each case per stage, a seeded uniform sample drawn while the
+        pipeline streams them (memory stays at that many rows, not all of them).
+        ``tick(k)``: called after the k-th case. The fp32 logits of every case (classifiers)
+        are kept in :attr:`logits`: the reference decisions, without a second fp32 pass."""
         from edgederm.runtime.backends.onnxruntime import OnnxRuntimeBackend
         from edgederm.runtime.memory import plan
 
@@ -169,15 +180,70 @@ class StageInputs:
         backends = {s.name: OnnxRuntimeBackend(graphs[s.name], threads=threads) for s in manifest.stages}
         pipeline = Pipeline(manifest, backends, lambda height, width: plan(manifest, None, height, width))
         per_stage: dict[str, list[dict[str, np.ndarray]]] = {s.name: [] for s in manifest.stages}
+        index = {s.name: i for i, s in enumerate(manifest.stages)}
+        self.logits = []
         for n, case in enumerate(cases):
             image = read_image(case.image)
-            batches: dict[str, list[dict[str, np.ndarray]]] = {}
-            pipeline.run(self.request(case, image), record=lambda stage, feed: batches.setdefault(stage, []).append(feed))
-            for stage, feeds in batches.items():
-                per_stage[stage].append({k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
-            if (n + 1) % 16 == 0 or n + 1 == len(cases):
-                self.say(f"  stage inputs: {n + 1}/{len(cases)} images")
+            samplers: dict[str, RowSample] = {}
+
+            def record(stage: str, feed: dict[str, np.ndarray]) -> None:
+                if stage not in samplers:
+                    samplers[stage] = RowSample(rows_per_case, np.random.default_rng([seed, n, index[stage]]))
+                samplers[stage].add(feed)
+
+            run = pipeline.run(self.request(case, image), record=record)
+            if run.logits is not None:
+                self.logits.append(np.asarray(run.logits))
+            for stage, sample in samplers.items():
+                per_stage[stage].append(sample.rows())
+            if tick is not None:
+                tick(n + 1)
         return per_stage
+
+
+class RowSample:
+    """A seeded uniform sample of at most ``size`` rows (first axis) of a stream of feed
+    dicts (reservoir sampling, Vitter's algorithm R), rows kept in stream order;
+    ``size=None`` keeps every row."""
+
+    def __init__(self, size: int | None, rng: np.random.Generator) -> None:
+        if size is not None and size < 1:
+            raise InputError(f"rows per case must be >= 1; got {size}")
+        self.size = size
+        self.rng = rng
+        self.seen = 0
+        self._parts: list[dict[str, np.ndarray]] = []  # size None: every feed
+        self._slots: dict[str, np.ndarray] = {}
+        self._order = np.zeros(0, np.int64)  # stream position of each kept row
+
+    def add(self, feed: dict[str, np.ndarray]) -> None:
+        count = len(next(iter(feed.values())))
+        if self.size is None:
+            self._parts.append({k: np.array(v, copy=True) for k, v in feed.items()})
+            self.seen += count
+            return
+        for r in range(count):
+            position = self.seen + r
+            if position < self.size:
+                slot = position
+            else:
+                slot = int(self.rng.integers(0, position + 1))
+                if slot >= self.size:
+                    continue
+            if not self._slots:
+                self._slots = {k: np.empty((self.size, *v.shape[1:]), v.dtype) for k, v in feed.items()}
+                self._order = np.full(self.size, -1, np.int64)
+            for k, v in feed.items():
+                self._slots[k][slot] = v[r]
+            self._order[slot] = position
+        self.seen += count
+
+    def rows(self) -> dict[str, np.ndarray]:
+        if self.size is None:
+            return {k: np.concatenate([p[k] for p in self._parts]) for k in self._parts[0]}
+        kept = min(self.seen, self.size)
+        order = np.argsort(self._order[:kept], kind="stable")
+        return {k: v[:kept][order] for k, v in self._slots.items()}
 
 
 def batch_feeds(per_case: list[dict[str, np.ndarray]], batch_size: int = 8, max_units: int | None = None,

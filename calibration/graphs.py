@@ -25,6 +25,9 @@ Decisions:
 - Graphs go through ``quant_pre_process`` (shape inference + ORT basic optimisation)
   first; the prepared fp32 graph is kept by callers as the float reference for
   returning nodes to float (calibration/sensitivity.py).
+- Calibration ranges are collected by :func:`calibration_ranges` (streamed, in
+  sub-batches bounded in memory) and handed to ``quantize_static`` as its calibration
+  cache, so ORT never holds every batch's activations.
 - Every file is written to a temporary name and renamed.
 """
 from __future__ import annotations
@@ -54,6 +57,7 @@ FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 BACKENDS = ("onnxruntime", "modelopt")
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+PERCENTILE = 99.999
 # Ops whose inputs must never come out of a DequantizeLinear (they stay float).
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "LogSoftmax", "Erf", "Gelu", "Sigmoid", "BatchNormalization",
                   "InstanceNormalization", "GroupNormalization")
@@ -75,6 +79,8 @@ class QuantSettings:
     backend: str = "onnxruntime"
     op_types: tuple[str, ...] = QUANTIZED_OPS
     nodes_to_exclude: list[str] = field(default_factory=list)
+    # Weights within +-64: no u8 x s8 pair saturates on x86 CPUs without VNNI (runtime/cpu.py).
+    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         for key, value, allowed in (("method", self.method, METHODS), ("format", self.format, FORMATS),
@@ -93,10 +99,11 @@ class QuantSettings:
             "activation_type": self.activation_type, "weight_type": self.weight_type,
             "activation_symmetric": self.activation_type == "int8", "quantized_ops": list(self.op_types),
             "tensorrt_compatible": self.format == "qdq" and self.activation_type == "int8" and self.weight_type == "int8",
+            "reduce_range": self.reduce_range,
         }
 
 
-def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
+def _reader(feeds: Iterable[dict[str, np.ndarray]]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Feeds(CalibrationDataReader):
@@ -159,19 +166,91 @@ def quantize_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLik
     return settings
 
 
-def equal_batches(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The same rows re-cut into batches of one size (ORT's histogram calibrators stack the
-    batches and fail on a shorter last one): the largest size <= the first batch's that
-    divides the total."""
-    names = list(feeds[0])
-    rows = {n: np.concatenate([f[n] for f in feeds]) for n in names}
-    total = len(rows[names[0]])
-    size = max(d for d in range(1, len(feeds[0][names[0]]) + 1) if total % d == 0)
-    return [{n: rows[n][i:i + size] for n in names} for i in range(0, total, size)]
+CALIBRATION_MEMORY = 1 << 30  # bytes one calibration run may add to what the process holds
+
+
+def calibration_ranges(source: str | os.PathLike[str], feeds: Iterable[dict[str, np.ndarray]], s: QuantSettings,
+                       workdir: str | os.PathLike[str], memory: int = CALIBRATION_MEMORY) -> Any:
+    """The activation ranges ORT's calibrator gives ``source`` on ``feeds``, streamed.
+
+    ORT's calibration graph reports, per batch, every calibrated tensor (histogram
+    methods) or its min and max (minmax, reduced inside the run). Here each batch is
+    run in sub-batches sized so one run adds at most ``memory`` bytes (the first row
+    is run alone and measured): a paper-size clinical encoder's calibration graph
+    holds ~1.8 GB per 512x512 image, so a batch of 8 in one run needed ~15 GB.
+    - minmax: the sub-batches' extremes are combined (min of mins, max of maxes), which
+      gives exactly the batch's own extremes, and the batches then go to ORT's range
+      computation as ``quantize_static`` would hand them (moving average: the mean of
+      the per-batch extremes). Two numbers per tensor per batch are held.
+    - entropy, percentile: each sub-batch goes to ORT's histogram collector, which merges
+      histograms across collections; only one sub-batch's activations are held at a
+      time (``quantize_static`` holds every batch's). Histogram merging re-bins, so the
+      ranges are close to, not bit-equal with, the all-in-memory ones.
+    ``feeds`` may be a generator.
+    """
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    from .progress import peak_span
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[s.method]
+    options: dict[str, Any] = {"moving_average": True} if s.method == "minmax" else {}
+    if s.method == "percentile":
+        options["percentile"] = PERCENTILE
+    calibrator = create_calibrator(Path(source), list(s.op_types), calibrate_method=method,
+                                   augmented_model_path=str(Path(workdir) / "augmented.onnx"), extra_options=options)
+    session = calibrator.infer_session
+    names = [o.name for o in session.get_outputs()]
+    originals = set(calibrator.model_original_outputs)
+    rows_per_run: list[int] = []
+
+    def run(part: dict[str, np.ndarray]) -> list[np.ndarray] | None:
+        if s.method == "minmax":
+            return session.run(None, part)
+        calibrator.collect_data(_reader([part]))
+        return None
+
+    def runs(feed: dict[str, np.ndarray]) -> Iterator[list[np.ndarray] | None]:
+        total = len(next(iter(feed.values())))
+        start = 0
+        if not rows_per_run:
+            with peak_span() as peak:
+                before = peak()
+                yield run({k: v[:1] for k, v in feed.items()})
+                rows_per_run.append(max(1, int(memory // max(1, peak() - before))))
+            start = 1
+        step = rows_per_run[0]
+        for i in range(start, total, step):
+            yield run({k: v[i:i + step] for k, v in feed.items()})
+
+    try:
+        for feed in feeds:
+            combined: list[Any] | None = None
+            for outputs in runs(feed):
+                if outputs is None:
+                    continue
+                if combined is None:
+                    combined = list(outputs)
+                    continue
+                for i, name in enumerate(names):
+                    if name.endswith("_ReduceMin"):
+                        combined[i] = np.fmin(combined[i], outputs[i])
+                    elif name.endswith("_ReduceMax"):
+                        combined[i] = np.fmax(combined[i], outputs[i])
+            if combined is not None:  # what MinMaxCalibrater.collect_data keeps of one batch
+                calibrator.intermediate_outputs.append(
+                    [None if name in originals else value for name, value in zip(names, combined)])
+        if s.method == "minmax" and not calibrator.intermediate_outputs:
+            raise QuantizeError(f"no calibration batches for {Path(source).name}; give at least one input dict")
+        return calibrator.compute_data()
+    finally:
+        del calibrator, session
 
 
 def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarray]], s: QuantSettings) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     calibrate = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -181,13 +260,15 @@ def _quantize_ort(source: Path, staged: Path, feeds: Sequence[dict[str, np.ndarr
         "CalibMovingAverage": s.method == "minmax",
     }
     if s.method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    if s.method != "minmax":
-        feeds = equal_batches(feeds)
+        extra["CalibPercentile"] = PERCENTILE
+    # The ranges are computed here, streamed, and handed to quantize_static as its
+    # calibration cache: it then skips its own (all-batches-in-memory) collection.
+    cache = staged.with_name("ranges.json")
+    save_tensors_data(calibration_ranges(source, feeds, s, staged.parent), cache)
     quantize_static(
-        str(source), str(staged), _reader(feeds),
+        str(source), str(staged), None, calibration_cache_path=str(cache),
         quant_format=QuantFormat.QDQ if s.format == "qdq" else QuantFormat.QOperator,
-        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel,
+        op_types_to_quantize=list(s.op_types), per_channel=s.per_channel, reduce_range=s.reduce_range,
         activation_type=types[s.activation_type], weight_type=types[s.weight_type], calibrate_method=calibrate,
         nodes_to_exclude=list(s.nodes_to_exclude), extra_options=extra,
     )
@@ -244,7 +325,7 @@ def _modelopt_child(source: str, staged: str, data_path: str, method: str, op_ty
 def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                            per_channel: bool = True, weight_type: str = "int8",
                            op_types: Iterable[str] = ("MatMul",), weights_only_matmul: bool = False,
-                           fuse_gelu: bool = True) -> dict[str, Any]:
+                           fuse_gelu: bool = True, reduce_range: bool = False) -> dict[str, Any]:
     """Dynamic INT8 (CPU only): int8 weights, activation ranges computed per batch at run time.
 
     ``weights_only_matmul=False`` (default) also quantizes the attention products
@@ -269,6 +350,7 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         staged = Path(tmp) / "dynamic.onnx"
         with _quiet_preprocess_hint():
             quantize_dynamic(model, str(staged), op_types_to_quantize=list(op_types), per_channel=per_channel,
+                             reduce_range=reduce_range,
                              weight_type=QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8,
                              # DefaultTensorType: graphs with contrib ops (ORT's fused transformer
                              # ops) leave some tensors without an inferred type; they are float.
@@ -279,7 +361,8 @@ def quantize_dynamic_graph(fp32_path: str | os.PathLike[str], out_path: str | os
         save_model(quantized, out_path)
     return {"backend": "onnxruntime", "mode": "dynamic", "per_channel": per_channel, "weight_type": weight_type,
             "activation_type": "uint8 (per batch, at run time)", "quantized_ops": list(op_types),
-            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False}
+            "matmul_weights_only": weights_only_matmul, "fused_gelu": fused, "tensorrt_compatible": False,
+            "reduce_range": reduce_range}
 
 
 @contextlib.contextmanager

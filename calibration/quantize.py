@@ -31,10 +31,20 @@ Flow (decisions):
    rename, then files no longer referenced are deleted. An interrupted quantize
    leaves the previous bundle intact and loadable; the next quantize removes the
    staging folder it left (runtime/staging.py).
+
+Time and memory (paper-size bundles run for minutes): every phase is timed (wall, CPU,
+peak memory; calibration/progress.py) into the report's ``profile``, with progress
+lines and the time left. Each image goes through fp32 once for the calibration
+inputs and the reference decisions together; windows/tiles are sampled per image as
+they stream (``windows_per_image``); calibration statistics are streamed in
+memory-bounded sub-batches (calibration/graphs.py ``calibration_ranges``); the fp32
+and quantized runs of the evaluation images are made once and shared by the
+fidelity report, the clinical refit and the gate.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 import shutil
@@ -50,13 +60,15 @@ from edgederm.runtime.imageio import read_image
 from edgederm.runtime.staging import make_staging
 
 from .data import Case, StageInputs, batch_feeds, read_cases, select_calibration
+from .progress import Profile
 from .clinical import refit_clinical
+from .cpu_form import GRAPH_CPU_KEYS, cpu_lines, cpu_record
 from .fidelity import classification_fidelity, segmentation_fidelity
 from .gate import GateTerm, check_defined, clinical_metrics, format_table, gate_table, parse_gate
 from .graphs import (BACKENDS, FORMATS, INT8_TYPES, METHODS, QUANTIZED_OPS, QuantizeError, QuantSettings, prepare_graph,
                      quantize_dynamic_graph, quantize_graph, save_model)
 from .sensitivity import fallback as run_fallback
-from .sensitivity import node_sensitivity, rank, return_to_float
+from .sensitivity import SENSITIVITY_BATCHES, node_sensitivity, rank, return_to_float
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +96,49 @@ class _Evaluator:
         self._images: dict[Path, np.ndarray] = {}
         self.logits: list[np.ndarray] = []  # classifiers: the logits of the latest predict's cases
         self._fp32_logits: list[np.ndarray] = []  # fp32 logits of the labelled evaluation cases
+        # Results per (cases, graphs): fp32 ones for good, the quantized ones of the latest
+        # graphs only (fidelity, refit and gate ask for the same runs; each is minutes at 2048^2).
+        self._runs: dict[tuple[Any, ...], tuple[list[Any], list[np.ndarray]]] = {}
 
     def _image(self, path: Path) -> np.ndarray:
         if path not in self._images:
             self._images[path] = read_image(path)
         return self._images[path]
 
-    def _model(self, graphs: dict[str, str] | None) -> Any:
+    def _model(self, graphs: dict[str, str] | None, memo: _StageMemo | None = None) -> Any:
         from edgederm.runtime.model import DeployedModel
 
-        return DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
-                             threads=self.threads, cache=False, graph_overrides=graphs)
+        model = DeployedModel(self.manifest, backend="onnxruntime-cpu", precision=self.precision if graphs else "fp32",
+                              threads=self.threads, cache=False, graph_overrides=graphs)
+        if memo is not None:
+            model.pipeline.backends = {name: memo.wrap(backend, (graphs or {}).get(name, f"fp32:{name}"))
+                                       for name, backend in model.pipeline.backends.items()}
+        return model
 
-    def predict(self, cases: list[Case], graphs: dict[str, str] | None) -> list[Any]:
-        """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32)."""
-        model = self._model(graphs)
+    def predict(self, cases: list[Case], graphs: dict[str, str] | None,
+                tick: Callable[[int], None] | None = None, memo: _StageMemo | None = None) -> list[Any]:
+        """Results for ``cases``; ``graphs`` maps stage -> file relative to the bundle (None: fp32).
+        ``tick(k)``: called after the k-th case. The same request again is answered from memory;
+        with ``memo``, so is a stage whose graph and inputs it has seen."""
+        key = (tuple(c.image for c in cases), tuple(sorted(graphs.items())) if graphs else None)
+        if key in self._runs:
+            results, logits = self._runs[key]
+            self.logits = list(logits)
+            return list(results)
+        model = self._model(graphs, memo)
         results = []
         self.logits = []
-        for case in cases:
+        for n, case in enumerate(cases):
             request = self.inputs.request(case, self._image(case.image), self._image)
             results.append(model.predict(dermoscopy=request.dermoscopy, clinical=request.clinical,
                                          metadata=request.metadata))
             if "logits" in model.last_run:
                 self.logits.append(model.last_run["logits"])
+            if tick is not None:
+                tick(n + 1)
+        if graphs:
+            self._runs = {k: v for k, v in self._runs.items() if k[1] is None}
+        self._runs[key] = (list(results), list(self.logits))
         return results
 
     def runner(self, case: Case, graphs: dict[str, str] | None) -> Callable[[], object]:
@@ -146,6 +178,46 @@ class _Evaluator:
         return float(np.mean([a.argmax() == b.argmax() for a, b in zip(reference, candidate)]))
 
 
+class _StageMemo:
+    """Stage outputs by (graph file, input bytes), for the repeated agreement passes on the
+    calibration images: a fallback step that returns nodes of one stage to float re-runs
+    that stage and those after it, not the stages it left as they were (on RemixFormer++
+    the 64-window encoder or the clinical encoder, most of the time). At most
+    ``max_bytes`` of outputs are kept."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self._store: dict[bytes, dict[str, np.ndarray]] = {}
+
+    def wrap(self, backend: Any, graph: str) -> Any:
+        memo = self
+
+        class _Memoized:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(backend, name)
+
+            def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                digest = hashlib.blake2b(graph.encode(), digest_size=20)
+                for name in sorted(feed):
+                    value = np.ascontiguousarray(feed[name])
+                    digest.update(f"{name}{value.dtype}{value.shape}".encode())
+                    digest.update(value.data)
+                key = digest.digest()
+                if key in memo._store:
+                    memo.hits += 1
+                    return dict(memo._store[key])
+                out = backend.run(feed)
+                size = sum(v.nbytes for v in out.values())
+                if memo.bytes + size <= memo.max_bytes:
+                    memo._store[key] = {k: np.array(v, copy=True) for k, v in out.items()}
+                    memo.bytes += size
+                return out
+
+        return _Memoized()
+
+
 def _held_out(calib_dir: Path, chosen: list[Case], eval_dir: Path | None, seed: int) -> tuple[list[Case], bool]:
     if eval_dir is not None:
         cases = read_cases(eval_dir)
@@ -183,24 +255,38 @@ def quantize_bundle(
     seed: int = 0, say: Callable[[str], None] = print, target_agreement: float | None = 0.99,
     format: str = "qdq", activation_type: str = "uint8", weight_type: str = "int8", backend: str = "onnxruntime",
     sensitivity_seconds: float = 60.0, max_units: int = 256, batch_size: int = 8, threads: int = 2,
-    gate: str | None = None,
+    gate: str | None = None, windows_per_image: int | None = None, for_cpu: str | None = None,
 ) -> dict[str, Any]:
     """Add a ``precision`` graph per stage to ``bundle``; store and return the calibration report.
+
+    ``for_cpu``: the int8 kernel class of the CPU the int8 graphs are for (runtime/cpu.py:
+    ``avx2`` for x86 without VNNI, ``vnni``, ``amx``, ``arm-dot`` ...); None: this CPU's.
+    Classes whose u8 x s8 kernels saturate get 7-bit weights (:func:`cpu_record`).
 
     ``target_agreement``: decision agreement with fp32 (calibration cases, end to end)
     the int8 graphs must reach; nodes return to float until they do. None: no fallback.
     ``gate``: clinical metric changes against fp32 on the labelled ``eval_dir`` the graphs
     must keep (calibration/gate.py), e.g. ``"sensitivity[melanoma]>=-0.01,ece<=+0.01"``;
     the report's ``gate.reached`` says whether they do.
+    ``windows_per_image``: windows (or tiles) of each calibration image kept per stage for
+    the calibration statistics, a seeded sample drawn as the fp32 pass streams them
+    (None: enough for ``max_units`` over the images). Time and peak memory per phase are
+    in the report's ``profile``.
     """
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)} "
                          "(fp32 is what export writes)")
     if target_agreement is not None and not 0.0 < target_agreement <= 1.0:
         raise InputError(f"target_agreement must be in (0, 1]; got {target_agreement} (e.g. 0.99)")
+    if windows_per_image is not None and windows_per_image < 1:
+        raise InputError(f"windows_per_image must be >= 1; got {windows_per_image} (e.g. 8, or None for all "
+                         f"{max_units} calibration inputs spread over the images)")
     terms = parse_gate(gate) if gate else None
+    cpu = cpu_record(precision, for_cpu, backend, activation_type)
+    reduce_range = bool(cpu and cpu["saturation_free"])
     settings = QuantSettings(method=method, per_channel=per_channel, format=format, activation_type=activation_type,
-                             weight_type=weight_type, backend=backend) if precision == "int8" else None
+                             weight_type=weight_type, backend=backend, reduce_range=reduce_range) \
+        if precision == "int8" else None
     start = time.monotonic()
     manifest = read_manifest(bundle)
     root = manifest.root
@@ -214,23 +300,35 @@ def quantize_bundle(
         f"on {len(calib)} images from {calib_dir}" + (f" ({method}, per-channel={per_channel}, {format}, "
                                                        f"activations {activation_type}, {backend})" if settings else ""))
     staging = make_staging(root, ".quantize-")
+    profile = Profile(say)
     try:
         report = _quantize(manifest, calib, eval_cases, held_out, precision, settings, staging, say=say,
                            target=target_agreement, seed=seed, sensitivity_seconds=sensitivity_seconds,
-                           max_units=max_units, batch_size=batch_size, threads=threads, gate=terms)
-        report["seconds"] = round(time.monotonic() - start, 1)
-        _commit(manifest, precision, report, staging, say)
+                           max_units=max_units, batch_size=batch_size, threads=threads, gate=terms,
+                           reduce_range=reduce_range, profile=profile, windows_per_image=windows_per_image)
+        report["cpu"] = cpu
+        with profile.phase("write bundle"):
+            report["seconds"] = round(time.monotonic() - start, 1)
+            report["profile"] = profile.to_dict()
+            _commit(manifest, precision, report, staging, say)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    report["profile"] = profile.to_dict()
     _print_report(report, say)
+    say(f"time and memory per phase ({precision}; peak = the phase's own high-water mark):")
+    for line in profile.lines():
+        say(line)
     return report
 
 
 def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: bool, precision: str,
               settings: QuantSettings | None, staging: Path, *, say: Callable[[str], None], target: float | None,
               seed: int, sensitivity_seconds: float, max_units: int, batch_size: int, threads: int,
-              gate: list[GateTerm] | None = None) -> dict[str, Any]:
+              gate: list[GateTerm] | None = None, reduce_range: bool = False, profile: Profile | None = None,
+              windows_per_image: int | None = None) -> dict[str, Any]:
     import onnx
+
+    profile = profile or Profile(say)
 
     root = manifest.root
     rel = staging.relative_to(root).as_posix()
@@ -243,29 +341,44 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     stage_info: dict[str, Any] = {}
     fallback_report: dict[str, Any] | None = None
     reference: list[Any] = []  # fp32 decisions on the calibration cases, computed on first use
+    memo = _StageMemo()
 
     def agreement_of(graphs: dict[str, str]) -> float:
         """End-to-end decision agreement of ``graphs`` with fp32 on the calibration cases."""
         if not reference:
-            reference.extend(evaluator.decisions(evaluator.predict(calib.cases, None)))
-        return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs)))
+            with profile.phase("fp32 pass (agreement reference)", len(calib)) as tick:
+                reference.extend(evaluator.decisions(evaluator.predict(calib.cases, None, tick)))
+        with profile.phase(f"{precision} pass (agreement)", len(calib)) as tick:
+            return evaluator.agreement(reference, evaluator.decisions(evaluator.predict(calib.cases, graphs, tick, memo)))
 
+    # The passes still to come, in images, for the overall time-left estimate.
+    if target is not None:
+        profile.plan(f"{precision} pass (agreement)", len(calib))
+        if precision != "int8" or manifest.model.task == "segment":
+            profile.plan("fp32 pass (agreement reference)", len(calib))
+    profile.plan("fidelity", 2 * len(eval_cases))
     if precision == "int8":
         assert settings is not None
-        say("  running the fp32 stages for every stage's calibration inputs")
-        per_case = inputs.run(calib.cases, fp32, threads=threads)
+        with profile.phase("fp32 pass (stage inputs)", len(calib)) as tick:
+            per_case = inputs.run(calib.cases, fp32, threads=threads, tick=tick, seed=seed,
+                                  rows_per_case=windows_per_image or -(-max_units // len(calib)))
+        if manifest.model.task != "segment" and len(inputs.logits) == len(calib):
+            # The fp32 pass that made the stage inputs gave the reference decisions too
+            # (argmax of the logits is argmax of the probabilities).
+            reference.extend(inputs.logits)
         prepared, qdq, feeds = {}, {}, {}
         for stage in stages:
             name = stage.name
-            prepared[name] = prepare_graph(fp32[name], staging / f"{name}.prepared.onnx")
             # A graph with a fixed batch (an imported ONNX file whose rows mix) takes that batch only.
             fixed = {spec.shape[0] for spec in stage.inputs if isinstance(spec.shape[0], int)}
-            feeds[name] = batch_feeds(per_case[name], batch_size=min(fixed) if fixed else batch_size,
+            feeds[name] = batch_feeds(per_case.pop(name), batch_size=min(fixed) if fixed else batch_size,
                                       max_units=max_units, seed=seed)
             units = sum(len(next(iter(f.values()))) for f in feeds[name])
             say(f"  quantizing {name} on {units} calibration inputs")
             path = staging / f"{name}.int8.onnx"
-            quantize_graph(prepared[name], path, feeds[name], settings=settings, prepared=True)
+            with profile.phase(f"calibrate + quantize {name}"):
+                prepared[name] = prepare_graph(fp32[name], staging / f"{name}.prepared.onnx")
+                quantize_graph(prepared[name], path, feeds[name], settings=settings, prepared=True)
             qdq[name] = onnx.load(str(path))
             staged[name] = f"{rel}/{path.name}"
             stage_info[name] = {"calibration_inputs": units}
@@ -280,7 +393,9 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                 floats.update({n: onnx.load(str(p)) for n, p in prepared.items()})
                 for stage in stages:
                     name = stage.name
-                    stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:4], sensitivity_seconds, say)
+                    with profile.phase(f"sensitivity {name}"):
+                        stage_scores = node_sensitivity(qdq[name], floats[name], feeds[name][:SENSITIVITY_BATCHES],
+                                                        sensitivity_seconds, say)
                     scores.update({f"{name}/{node}": v for node, v in stage_scores.items()})
             return rank(scores)
 
@@ -315,7 +430,8 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
         for stage in stages:
             name = stage.name
             path = staging / f"{name}.fp16.onnx"
-            stage_info[name] = convert_to_fp16(fp32[name], path)
+            with profile.phase(f"convert {name}"):
+                stage_info[name] = convert_to_fp16(fp32[name], path)
             staged[name] = f"{rel}/{path.name}"
             say(f"  {name}: fp16 with fp32 inputs/outputs ({stage_info[name]['fp32_nodes']} nodes kept in fp32)")
     else:  # int8_dynamic
@@ -326,7 +442,9 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
             for stage in stages:
                 name = stage.name
                 path = staging / f"{name}.int8_dynamic{'.weights' if weights_only else ''}.onnx"
-                stage_info[name] = quantize_dynamic_graph(fp32[name], path, weights_only_matmul=weights_only)
+                with profile.phase(f"quantize {name}"):
+                    stage_info[name] = quantize_dynamic_graph(fp32[name], path, weights_only_matmul=weights_only,
+                                                              reduce_range=reduce_range)
                 staged[name] = f"{rel}/{path.name}"
             form = "weight MatMuls" if weights_only else "every MatMul (attention products too)"
             say(f"  dynamic INT8 of {form}; {sum(i['fused_gelu'] for i in stage_info.values())} GELU fused")
@@ -356,8 +474,12 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
                                   agreement_of, say)
         staged = gate_report.pop("_staged")
     say(f"  fidelity on {len(eval_cases)} {'held-out' if held_out else 'calibration (no held-out images)'} images")
-    fp32_results = evaluator.predict(eval_cases, None)
-    quant_results = evaluator.predict(eval_cases, staged)
+    with profile.phase("fidelity: fp32 pass", len(eval_cases)) as tick:
+        profile.planned.pop("fidelity", None)
+        profile.plan(f"fidelity: {precision} pass", len(eval_cases))
+        fp32_results = evaluator.predict(eval_cases, None, tick)
+    with profile.phase(f"fidelity: {precision} pass", len(eval_cases)) as tick:
+        quant_results = evaluator.predict(eval_cases, staged, tick)
     if manifest.model.task == "segment":
         masks = [_read_mask(c, r.mask.shape) for c, r in zip(eval_cases, fp32_results)]
         fid = segmentation_fidelity([r.mask for r in fp32_results], [r.mask for r in quant_results], masks)
@@ -370,11 +492,13 @@ def _quantize(manifest: Manifest, calib: Any, eval_cases: list[Case], held_out: 
     fid["held_out"] = held_out
     clinical_own, clinical_report = None, None
     if manifest.model.task != "segment" and eval_cases and all(c.label is not None for c in eval_cases):
-        _, clinical_own, clinical_report = evaluator.refitted(eval_cases, staged)
+        with profile.phase("clinical refit"):
+            _, clinical_own, clinical_report = evaluator.refitted(eval_cases, staged)
         say(f"  {precision} refitted on {len(eval_cases)} labelled images: temperature "
             f"{clinical_report['temperature_fp32']:.3f} -> {clinical_report['temperature']:.3f}, ECE "
             f"{clinical_report['ece_before']:.4f} -> {clinical_report['ece_after']:.4f} (fp32 {clinical_report['ece_fp32']:.4f})")
-    latency = _latency(evaluator, eval_cases, staged, precision, threads)
+    with profile.phase("latency (fp32 and quantized, interleaved)"):
+        latency = _latency(evaluator, eval_cases, staged, precision, threads)
 
     entry: dict[str, Any] = {"precision": precision}
     if settings is not None:
@@ -479,6 +603,8 @@ def _commit(manifest: Manifest, precision: str, report: dict[str, Any], staging:
         if old and old != final:
             previous.append(old)
         stage["graphs"][precision] = {"file": final, "sha256": digest}
+        if report.get("cpu"):
+            stage["graphs"][precision]["cpu"] = {k: report["cpu"][k] for k in GRAPH_CPU_KEYS}
         data["files"][final] = {"sha256": digest, "bytes": (root / final).stat().st_size}
     still_used = {g["file"] for s in data["stages"] for g in s["graphs"].values()}
     for old in previous:
@@ -542,6 +668,9 @@ def _print_report(report: dict[str, Any], say: Callable[[str], None]) -> None:
         say(f"  {key:<24} {_fmt(fid[key])}")
     for name, change in (fid.get("recall_change") or {}).items():
         say(f"  recall change {name:<10} {change:+.4f}")
+    if report.get("cpu"):
+        for line in cpu_lines(report["cpu"]):
+            say(line)
     latency = report.get("latency")
     if latency:
         say(f"  CPU inference per image    fp32 {latency['fp32_ms']:.1f} ms, {report['precision']} {latency['ms']:.1f} ms "

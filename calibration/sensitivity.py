@@ -35,6 +35,11 @@ from .graphs import QUANTIZED_OPS
 
 log = logging.getLogger(__name__)
 
+# Calibration batches each node is measured on: one (8 rows). Every measurement runs the
+# whole stage (a ViT-S window encoder: ~1 s of CPU per 8 windows), so within the time
+# budget one batch ranks four times as many nodes as four batches did.
+SENSITIVITY_BATCHES = 1
+
 
 def quantized_nodes(model: Any, op_types: Sequence[str] = QUANTIZED_OPS) -> list[str]:
     """Names of the nodes that read at least one input through a DequantizeLinear, in graph order."""

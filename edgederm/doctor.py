@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from edgederm.runtime.cpu import DESCRIPTIONS, read_cpu_features
 from edgederm.runtime.optional import is_available
 from edgederm.runtime.targets import (TEGRA_RELEASE, L4tRelease, TargetProfile, UnknownTargetError, all_targets, load_target,
                                       parse_tegra_release)
@@ -197,16 +198,6 @@ def mismatches(facts: DeviceFacts, manifest_data: Mapping[str, Any]) -> List[str
 
 
 # -- the report ----------------------------------------------------------------------------------
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "asimddp"]
-    return " ".join(f for f in wanted if f in flags) or "none of " + ",".join(wanted)
-
-
 def diagnose(bundle: str | os.PathLike[str] | None = None, target: Optional[str] = None,
              root: str | os.PathLike[str] = "/") -> Dict[str, Any]:
     """The report ``edgederm doctor`` prints; with ``bundle`` / ``target``, their mismatches with this device."""
@@ -216,12 +207,15 @@ def diagnose(bundle: str | os.PathLike[str] | None = None, target: Optional[str]
     import edgederm
 
     facts = device_facts(root)
+    cpu = read_cpu_features(Path(root) / "proc" / "cpuinfo")
     report: Dict[str, Any] = {
         "edgederm": edgederm.__version__,
         "python": facts.python,
         "platform": f"{platform.system()} {platform.machine()}",
         "cpu_cores": os.cpu_count(),
-        "cpu_features": _cpu_flags(),
+        "cpu_features": " ".join(cpu.int8_features) or
+                        ("unknown (no /proc/cpuinfo)" if cpu.source == "platform" else "none of the int8-relevant ones"),
+        "int8_kernel_class": f"{cpu.kernel_class}: {DESCRIPTIONS[cpu.kernel_class]}",
         "memory": "unknown" if facts.memory_total_bytes is None else
                   f"{_gib(facts.memory_total_bytes)} total, {_gib(facts.memory_available_bytes or 0)} available",
         "numpy": np.__version__,

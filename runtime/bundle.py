@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
+from .cpu import KERNEL_CLASSES
 from .errors import BundleError, BundleIntegrityError, InputError, ManifestError
 from .files import Refuse, read_regular_file
 from .preprocess import PreprocessConfig
@@ -132,9 +133,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class QuantizedOn:
+    """The CPU an int8 graph was quantized and measured on, and the int8 kernel class it
+    was made for (runtime/cpu.py). ``saturation_free``: its u8 x s8 products cannot
+    saturate in 16 bits on any class (weights within +-64), so every CPU computes it alike."""
+
+    kernel_class: str
+    made_for: str
+    saturation_free: bool
+    arch: str = ""
+    features: tuple[str, ...] = ()
+    form: str = ""
+
+
+@dataclass(frozen=True)
 class GraphFile:
     file: str
     sha256: str
+    quantized_on: QuantizedOn | None = None  # int8 graphs written by this SDK's quantize; None before it recorded it
 
 
 @dataclass(frozen=True)
@@ -409,8 +425,23 @@ def _stage(index: int, raw: Any, files: Mapping[str, FileEntry], earlier: list[s
         if files[file].sha256 != sha:
             raise BundleIntegrityError(f"stage {name!r} {precision} graph {file!r}: sha256 {sha} differs from the file "
                                        f"table's {files[file].sha256}; re-export the bundle")
-        graphs[precision] = GraphFile(file, sha)
+        graphs[precision] = GraphFile(file, sha, _quantized_on(f"{gwhere}.cpu", graph.get("cpu")))
     return Stage(name, specs["inputs"], specs["outputs"], graphs)
+
+
+def _quantized_on(where: str, raw: Any) -> QuantizedOn | None:
+    if raw is None:
+        return None
+    made_on = raw.get("made_on") if isinstance(raw, dict) else None
+    if not isinstance(made_on, dict) or not isinstance(raw.get("saturation_free"), bool):
+        raise _fail(where, raw, "{made_on: {class, arch, features}, made_for, saturation_free, form}",
+                    "quantize the bundle again with this SDK")
+    features = made_on.get("features") or []
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise _fail(f"{where}.made_on.features", features, "a list of CPU feature names")
+    return QuantizedOn(_str(f"{where}.made_on.class", made_on.get("class"), KERNEL_CLASSES),
+                       _str(f"{where}.made_for", raw.get("made_for"), KERNEL_CLASSES), raw["saturation_free"],
+                       str(made_on.get("arch") or ""), tuple(features), str(raw.get("form") or ""))
 
 
 def _tiling(raw: Any) -> Tiling:

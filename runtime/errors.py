@@ -107,6 +107,11 @@ class SelfTestError(BundleError):
     """A golden self-test output left its tolerance on this device; names stage, precision, difference."""
 
 
+class CpuMismatchError(SelfTestError):
+    """An int8 graph quantized on a CPU whose int8 arithmetic differs from this one's failed
+    its golden self-test here; names both CPU classes and the fix (runtime/cpu_check.py)."""
+
+
 class StoreError(EdgeDermError):
     """The A/B bundle store is missing, damaged, or asked for something it cannot do."""
 

@@ -15,7 +15,6 @@ is cached per CPU beside the optimised graphs (``backends.onnxruntime.cache_dir`
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .backends.base import Backend
-from .bundle import Manifest, write_bytes_atomic
+from .bundle import Manifest
+from .cache_entry import read_entry, write_entry
 from .pipeline import Pipeline, Planner, Request
 
 log = logging.getLogger(__name__)
@@ -88,38 +88,25 @@ def cache_key(graph_sha256s: Sequence[str], ort_version: str, cpu: str, session_
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _checksum(key: str, ms: Mapping[str, float], rounds: int) -> str:
-    return hashlib.sha256(json.dumps({"key": key, "ms": dict(ms), "rounds": rounds}, sort_keys=True).encode()).hexdigest()
-
-
 def cache_path(folder: Path, key: str) -> Path:
     return Path(folder) / f"latency-{key}.json"
 
 
 def read_cached(folder: Path, key: str) -> Measurement | None:
     """The cached measurement for ``key``; None when absent or it fails its checksum."""
-    path = cache_path(folder, key)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        ms = {str(k): float(v) for k, v in data["ms"].items()}
-        rounds = int(data["rounds"])
-        if data["key"] == key and data["sha256"] == _checksum(key, ms, rounds):
-            return Measurement(ms, rounds)
-        log.warning("latency cache %s does not match its recorded sha256; measuring again", path)
-    except FileNotFoundError:
+    fields = read_entry(cache_path(folder, key), key, "latency cache", "measuring again")
+    if fields is None:
         return None
-    except Exception as exc:  # a damaged cache never stops a load: measure again
-        log.warning("latency cache %s unusable (%s); measuring again", path, exc)
-    return None
+    try:
+        return Measurement({str(k): float(v) for k, v in fields["ms"].items()}, int(fields["rounds"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.warning("latency cache %s unusable (%s); measuring again", cache_path(folder, key), exc)
+        return None
 
 
 def write_cached(folder: Path, key: str, measurement: Measurement) -> None:
-    data = {"key": key, "ms": dict(measurement.ms), "rounds": measurement.rounds,
-            "sha256": _checksum(key, measurement.ms, measurement.rounds)}
-    try:
-        write_bytes_atomic(cache_path(folder, key), json.dumps(data, sort_keys=True).encode())
-    except OSError as exc:
-        log.warning("latency cache not written to %s (%s); set EDGEDERM_CACHE", folder, exc)
+    write_entry(cache_path(folder, key), {"key": key, "ms": dict(measurement.ms), "rounds": measurement.rounds},
+                "latency cache")
 
 
 # --------------------------------------------------------------------------- at load

@@ -48,6 +48,7 @@ from .probabilities import softmax
 from .result import Result
 from .rss import peak_rss_bytes
 from .selection import Choice, choose, wants_engines
+from .timings import timed
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,12 @@ class DeployedModel:
         else:
             self.stages = {s.name: self._open_stage(s.name, choice, threads, cache, graph_overrides)
                            for s in manifest.stages}
+        if precision != "auto" and choice.backend == "onnxruntime-cpu" and not graph_overrides:
+            from .backends.onnxruntime import cache_dir
+            from .cpu_check import require_trusted
+
+            recheck = require_trusted(manifest, self.precision, self.stages, cache_dir() if cache else None)
+            self.notes += [recheck] if recheck else []
         self.load_ms = (time.perf_counter() - start) * 1000
         log.info("loaded %s: backend %s, precision %s (%.0f ms)", manifest.root, self.backend_name, self.precision,
                  self.load_ms)
@@ -175,6 +182,7 @@ class DeployedModel:
         (runtime/latency.py) and say so in the notes; the graphs it opened to measure
         are left in ``opened`` (precision -> stage backends) for reuse."""
         from .backends.onnxruntime import cache_dir
+        from .cpu_check import trusted_candidates
         from .latency import cpu_speedups
         from .selection import CPU_REDUCED, auto_precision_note, fastest_measured_on_cpu
 
@@ -194,9 +202,17 @@ class DeployedModel:
                 hits[precision] = self.cache_hits
             return opened[precision]
 
-        speedups, source = cpu_speedups(self.manifest, candidates, threads, cache_dir() if cache else None,
+        # An int8 graph made on a CPU of other int8 arithmetic competes only once its self-test passes here.
+        trusted, notes = trusted_candidates(self.manifest, candidates, open_stages, cache_dir() if cache else None)
+        self.notes += notes
+        available = [p for p in available if p in trusted or p not in candidates]
+        if not trusted:
+            self.cache_hits = {}
+            return dataclasses.replace(choice, precision="fp32")
+        speedups, source = cpu_speedups(self.manifest, trusted, threads, cache_dir() if cache else None,
                                         open_stages, self._plan)
-        chosen = fastest_measured_on_cpu(self.manifest, available, speedups) or choice.precision
+        chosen = fastest_measured_on_cpu(self.manifest, available, speedups) or \
+            (choice.precision if choice.precision in available else "fp32")
         self.cache_hits = hits.get(chosen, {})  # the graphs that will run, not the last ones measured
         note = auto_precision_note(self.manifest, chosen, speedups, source)
         log.info(note)
@@ -290,10 +306,11 @@ class DeployedModel:
         decoded = [read_image_within(p, max_pixels=self.max_image_pixels, budget_bytes=budget,
                                      working_max_side=self._working_max_side()) if p is not None else None
                    for p in (path, clinical)]
+        decode_ms = (time.perf_counter() - start) * 1000
         result = self.predict(dermoscopy=decoded[0].image if decoded[0] else None,
                               clinical=decoded[1].image if decoded[1] else None, metadata=metadata, progress=progress)
         result.notes += [d.note for d in decoded if d is not None and d.note]
-        result.timings = {"decode": (time.perf_counter() - start) * 1000 - result.timings.get("total", 0.0), **result.timings}
+        result.timings = {"decode": decode_ms, **result.timings}
         return result
 
     def predict(self, dermoscopy: np.ndarray | None = None, clinical: np.ndarray | None = None,
@@ -303,32 +320,35 @@ class DeployedModel:
 
         ``progress(done, total)`` is called after each tile/window batch.
         """
-        timings: dict[str, float] = {}
+        timings: dict[str, float] = {}  # per step, runtime/timings.py
         start = time.perf_counter()
         notes = list(self.notes)
         staged = any(src in ("clinical", "modality_mask") for s in self.manifest.stages for src in s.sources)
         if dermoscopy is None and not staged:
             raise InputError("predict needs a dermoscopy image (H x W x 3 uint8 RGB); got None")
-        image = self._check_image(dermoscopy, "dermoscopy") if dermoscopy is not None else None
-        self._check_metadata(metadata, notes)
-        clinical_image = None
-        if clinical is not None:
-            if "clinical" not in self.modalities:
-                notes.append("clinical image ignored: this model does not take one")
-            else:
-                clinical_image = self._check_image(clinical, "clinical")
+        with timed(timings, "checks"):
+            image = self._check_image(dermoscopy, "dermoscopy") if dermoscopy is not None else None
+            self._check_metadata(metadata, notes)
+            clinical_image = None
+            if clinical is not None:
+                if "clinical" not in self.modalities:
+                    notes.append("clinical image ignored: this model does not take one")
+                else:
+                    clinical_image = self._check_image(clinical, "clinical")
         run = self.pipeline.run(Request(image, clinical_image, metadata), timings, progress)
         # The latest run's figures (benchmarks) and, for classifiers, its logits (quantize refits on them).
         self.last_run = {**run.info, "logits": run.logits} if run.logits is not None else run.info
-        if self.task == "segment":
-            assert run.mask is not None
-            result = Result(label=None, probabilities={"lesion_fraction": float(np.count_nonzero(run.mask)) / run.mask.size},
-                            needs_review=False, review_reasons=[], backend=self.backend_name,
-                            precision=self.precision, mask=run.mask, heatmap=run.heatmap)
-        else:
-            assert run.logits is not None
-            result = classification_result(run.logits, self.class_names, self.clinical, image,
-                                           self.backend_name, self.precision)
+        with timed(timings, "review"):
+            if self.task == "segment":
+                assert run.mask is not None
+                lesion = float(np.count_nonzero(run.mask)) / run.mask.size
+                result = Result(label=None, probabilities={"lesion_fraction": lesion}, needs_review=False,
+                                review_reasons=[], backend=self.backend_name, precision=self.precision,
+                                mask=run.mask, heatmap=run.heatmap)
+            else:
+                assert run.logits is not None
+                result = classification_result(run.logits, self.class_names, self.clinical, image,
+                                               self.backend_name, self.precision)
         result.notes = notes
         timings["total"] = (time.perf_counter() - start) * 1000
         result.timings = timings

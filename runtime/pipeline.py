@@ -29,7 +29,8 @@ model-specific; the manifest says what each input is.
   dropped).
 
 ``record(stage, feed)`` (optional) sees every feed handed to a backend: calibration
-collects its INT8 ranges through it.
+collects its INT8 ranges through it. ``timings`` gains each step's milliseconds
+under the names of runtime/timings.py, and the sums ``preprocess`` and ``inference``.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from .bundle import Manifest, Stage, TensorSpec
 from .errors import BundleError, InputError
 from .memory import MemoryPlan
 from .probabilities import tile_probabilities
+from .timings import Timings, add_sums, timed
 
 Recorder = Callable[[str, Dict[str, np.ndarray]], None]
 Progress = Callable[[int, int], None]
@@ -75,7 +77,7 @@ class Run:
 
 
 def iter_window_batches(image: np.ndarray, config: pp.PreprocessConfig, window: int, rows: int, cols: int,
-                        batch_size: int, stats: pp.ColorStats | None = None
+                        batch_size: int, stats: pp.ColorStats | None = None, timings: Timings | None = None
                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Preprocessed window batches ``(N x 3 x window x window, indices)``, row-major.
 
@@ -84,12 +86,21 @@ def iter_window_batches(image: np.ndarray, config: pp.PreprocessConfig, window: 
     """
     from .tiling import iter_windows
 
-    stats = stats if stats is not None else pp.image_color_stats(image, config)
-    resized = pp.resize_image(image, (rows * window, cols * window), config.resize, config.crop_fraction)
+    if stats is None:
+        with timed(timings, "color_stats"):
+            stats = pp.image_color_stats(image, config)
+    with timed(timings, "resize"):
+        resized = pp.resize_image(image, (rows * window, cols * window), config.resize, config.crop_fraction)
     window_config = dataclasses.replace(config, input_size=(window, window), resize="none",
                                         crop_fraction=1.0)
-    for batch, indices in iter_windows(resized, window, rows, cols, batch_size):
-        yield pp.preprocess_batch(batch, window_config, stats), indices
+    windows = iter_windows(resized, window, rows, cols, batch_size)
+    while True:
+        with timed(timings, "tiles"):
+            item = next(windows, None)
+        if item is None:
+            return
+        batch, indices = item
+        yield pp.preprocess_batch(batch, window_config, stats, timings), indices
 
 
 def image_windows(image: np.ndarray, config: pp.PreprocessConfig, window: int, rows: int, cols: int) -> np.ndarray:
@@ -112,17 +123,20 @@ class Pipeline:
         self._schema: Any = None
 
     # -- requests ------------------------------------------------------------------------
-    def run(self, request: Request, timings: dict[str, float] | None = None, progress: Progress | None = None,
+    def run(self, request: Request, timings: Timings | None = None, progress: Progress | None = None,
             record: Recorder | None = None) -> Run:
         timings = timings if timings is not None else {}
         if self.bundle.model.task == "segment":
             if request.dermoscopy is None:
                 raise InputError("a segmenter needs a dermoscopy image (H x W x 3 uint8 RGB); got None")
-            return self.segment(request.dermoscopy, timings, progress, record)
-        return self.stages(request, timings, progress, record)
+            run = self.segment(request.dermoscopy, timings, progress, record)
+        else:
+            run = self.stages(request, timings, progress, record)
+        add_sums(timings)
+        return run
 
     # -- staged (classification) path ----------------------------------------------------
-    def stages(self, request: Request, timings: dict[str, float], progress: Progress | None = None,
+    def stages(self, request: Request, timings: Timings, progress: Progress | None = None,
                record: Recorder | None = None) -> Run:
         modalities = self.bundle.model.modalities
         present = {
@@ -135,8 +149,6 @@ class Pipeline:
         run = Run()
         skipped: list[str] = []
         stats_cache: dict[str, pp.ColorStats | None] = {}
-        timings.setdefault("preprocess", 0.0)
-        timings.setdefault("inference", 0.0)
         stages = self.bundle.stages
         for stage in stages:
             takes_mask = "modality_mask" in stage.sources
@@ -166,10 +178,9 @@ class Pipeline:
             else:
                 if record is not None:
                     record(stage.name, feed)
-                out = self.backends[stage.name].run(feed)
-            elapsed = (time.perf_counter() - t0) * 1000
-            timings[f"stage:{stage.name}"] = elapsed
-            timings["inference"] += elapsed - timings.get(f"preprocess:{stage.name}", 0.0)
+                with timed(timings, f"inference:{stage.name}"):
+                    out = self.backends[stage.name].run(feed)
+            timings[f"stage:{stage.name}"] = (time.perf_counter() - t0) * 1000
             run.outputs.update({f"{stage.name}.{k}": v for k, v in out.items()})
         final = stages[-1]
         if final.name in skipped:
@@ -182,30 +193,30 @@ class Pipeline:
         run.logits = run.outputs[f"{final.name}.{final.outputs[0].name}"][0]
         return run
 
-    def _stats(self, key: str, image: np.ndarray, cache: dict[str, pp.ColorStats | None]) -> pp.ColorStats | None:
+    def _stats(self, key: str, image: np.ndarray, cache: dict[str, pp.ColorStats | None],
+               timings: Timings) -> pp.ColorStats | None:
         if key not in cache:
-            cache[key] = pp.image_color_stats(image, self.config)
+            with timed(timings, "color_stats"):
+                cache[key] = pp.image_color_stats(image, self.config)
         return cache[key]
 
     def _source_value(self, spec: TensorSpec, request: Request, present: dict[str, bool],
                       outputs: dict[str, np.ndarray], stats_cache: dict[str, pp.ColorStats | None],
-                      timings: dict[str, float]) -> np.ndarray | None:
+                      timings: Timings) -> np.ndarray | None:
         source = spec.source
         if source in ("dermoscopy", "clinical"):
             picture = request.dermoscopy if source == "dermoscopy" else request.clinical
             if picture is None:
                 return None
-            t0 = time.perf_counter()
             size = spec.static(2)
             config = dataclasses.replace(self.config, input_size=(size[0], size[1])) if size and len(size) == 2 \
                 else self.config
-            x = pp.preprocess(picture, config, self._stats(source, picture, stats_cache))[None]
-            timings["preprocess"] += (time.perf_counter() - t0) * 1000
-            return x
+            return pp.preprocess(picture, config, self._stats(source, picture, stats_cache, timings), timings)[None]
         if source == "metadata":
             if not present["metadata"]:
                 return None
-            return self.schema(spec).encode(request.metadata)[None]
+            with timed(timings, "metadata"):
+                return self.schema(spec).encode(request.metadata)[None]
         if source == "modality_mask":
             modalities = self.bundle.model.modalities
             width = spec.shape[-1]
@@ -230,7 +241,7 @@ class Pipeline:
         return self._schema
 
     def _run_windows(self, stage: Stage, spec: TensorSpec, image: np.ndarray, feed: dict[str, np.ndarray],
-                     stats_cache: dict[str, pp.ColorStats | None], timings: dict[str, float], run: Run,
+                     stats_cache: dict[str, pp.ColorStats | None], timings: Timings, run: Run,
                      progress: Progress | None, record: Recorder | None) -> dict[str, np.ndarray]:
         """Window embeddings, batch by batch; only the ``G x D`` matrix is kept."""
         window, rows, cols = self.bundle.window_layout
@@ -239,34 +250,25 @@ class Pipeline:
         out_name = stage.outputs[0].name
         embeddings: np.ndarray | None = None
         total = rows * cols
-        prep_ms = 0.0
-        t0 = time.perf_counter()
         batches = iter_window_batches(image, self.config, window, rows, cols, plan.batch_size,
-                                      self._stats("dermoscopy", image, stats_cache))
-        while True:
-            try:
-                x, indices = next(batches)
-            except StopIteration:
-                break
-            prep_ms += (time.perf_counter() - t0) * 1000
+                                      self._stats("dermoscopy", image, stats_cache, timings), timings)
+        for x, indices in batches:
             stage_feed = {**feed, spec.name: x}
             if record is not None:
                 record(stage.name, stage_feed)
-            result = backend.run(stage_feed)[out_name]
+            with timed(timings, f"inference:{stage.name}"):
+                result = backend.run(stage_feed)[out_name]
             if embeddings is None:
                 embeddings = np.empty((total, *result.shape[1:]), dtype=result.dtype)
             embeddings[indices] = result
             if progress is not None:
                 progress(int(indices[-1]) + 1, total)
-            t0 = time.perf_counter()
         assert embeddings is not None
-        timings["preprocess"] += prep_ms
-        timings[f"preprocess:{stage.name}"] = prep_ms
         run.info.update(windows=total, batch_size=plan.batch_size, plan=plan.to_dict(), stage=stage.name)
         return {out_name: embeddings}
 
     # -- segmentation path ---------------------------------------------------------------
-    def segment(self, image: np.ndarray, timings: dict[str, float], progress: Progress | None = None,
+    def segment(self, image: np.ndarray, timings: Timings, progress: Progress | None = None,
                 record: Recorder | None = None) -> Run:
         """Tiled segmentation; ``tiling.working_max_side`` (when set) rescales first."""
         full_height, full_width = image.shape[:2]
@@ -278,13 +280,16 @@ class Pipeline:
         # heatmap back to the input resolution.
         scale = working / max(full_height, full_width)
         size = (max(1, round(full_width * scale)), max(1, round(full_height * scale)))
-        run = self._segment_tiled(cv2.resize(image, size, interpolation=cv2.INTER_AREA), timings, progress, record)
+        with timed(timings, "resize"):
+            working_image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        run = self._segment_tiled(working_image, timings, progress, record)
         assert run.mask is not None and run.heatmap is not None
-        run.mask = cv2.resize(run.mask, (full_width, full_height), interpolation=cv2.INTER_NEAREST)
-        run.heatmap = cv2.resize(run.heatmap, (full_width, full_height), interpolation=cv2.INTER_LINEAR)
+        with timed(timings, "resize"):
+            run.mask = cv2.resize(run.mask, (full_width, full_height), interpolation=cv2.INTER_NEAREST)
+            run.heatmap = cv2.resize(run.heatmap, (full_width, full_height), interpolation=cv2.INTER_LINEAR)
         return run
 
-    def _segment_tiled(self, image: np.ndarray, timings: dict[str, float], progress: Progress | None,
+    def _segment_tiled(self, image: np.ndarray, timings: Timings, progress: Progress | None,
                        record: Recorder | None) -> Run:
         """Tiled segmentation of an image already at the working scale."""
         from .tiling import TilingStats, sliding_window
@@ -297,24 +302,20 @@ class Pipeline:
             config = dataclasses.replace(config, input_size=(tile, tile))
         height, width = image.shape[:2]
         plan = self.planner(height, width)
-        t0 = time.perf_counter()
-        stats = pp.image_color_stats(image, config)
-        timings["color_stats"] = (time.perf_counter() - t0) * 1000
+        with timed(timings, "color_stats"):
+            stats = pp.image_color_stats(image, config)
         input_name, output_name = stage.inputs[0].name, stage.outputs[0].name
         mask = np.empty((height, width), np.uint8)
         heat = np.empty((height, width), np.float32)
-        spent = {"preprocess": 0.0, "inference": 0.0}
 
         def predict_tiles(batch: np.ndarray) -> np.ndarray:
-            t1 = time.perf_counter()
-            x = pp.preprocess_batch(batch, config, stats)
-            t2 = time.perf_counter()
+            x = pp.preprocess_batch(batch, config, stats, timings)
             if record is not None:
                 record(stage.name, {input_name: x})
-            logits = backend.run({input_name: x})[output_name]
-            spent["preprocess"] += t2 - t1
-            spent["inference"] += time.perf_counter() - t2
-            return tile_probabilities(logits)
+            with timed(timings, f"inference:{stage.name}"):
+                logits = backend.run({input_name: x})[output_name]
+            with timed(timings, "probabilities"):
+                return tile_probabilities(logits)
 
         def on_rows(y0: int, block: np.ndarray) -> None:
             rows = slice(y0, y0 + block.shape[1])
@@ -332,11 +333,9 @@ class Pipeline:
         tiling_stats = TilingStats()
         sliding_window(image, predict_tiles, tile=tile, overlap=self.bundle.tiling.overlap,
                        blend=self.bundle.tiling.blend, batch_size=plan.batch_size,
-                       on_rows=on_rows, progress=progress, stats=tiling_stats)
+                       on_rows=on_rows, progress=progress, stats=tiling_stats, timings=timings)
         elapsed = time.perf_counter() - t0
         timings["tiled_inference"] = elapsed * 1000
-        timings["preprocess"] = spent["preprocess"] * 1000
-        timings["inference"] = spent["inference"] * 1000
         info = {"tiles": tiling_stats.tiles, "batches": tiling_stats.batches, "batch_size": plan.batch_size,
                 "accumulator_bytes": tiling_stats.accumulator_bytes, "plan": plan.to_dict(),
                 "tiles_per_s": tiling_stats.tiles / elapsed if elapsed > 0 else float("nan"), "stage": stage.name}

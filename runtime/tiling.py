@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
+from .timings import Timings, timed
 
 __all__ = [
     "BlendMode",
@@ -242,6 +243,7 @@ def sliding_window(
     on_rows: Callable[[int, np.ndarray], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
     stats: TilingStats | None = None,
+    timings: Timings | None = None,
 ) -> np.ndarray | None:
     """Run ``predict`` over overlapping tiles of ``image`` and blend the results.
 
@@ -260,6 +262,9 @@ def sliding_window(
             function then returns None and never holds a full-size output.
         progress: called as ``progress(done_tiles, total_tiles)`` after each batch.
         stats: a :class:`TilingStats` to fill in (tiles, batches, band size).
+        timings: gains the milliseconds spent cutting tiles (``"tiles"``) and
+            weighting, accumulating and handing on rows, ``on_rows`` included
+            (``"blend"``); ``predict`` times itself (runtime/timings.py).
 
     Returns:
         ``K x H x W`` blended predictions, or None when ``on_rows`` is given.
@@ -287,7 +292,7 @@ def sliding_window(
     grid = make_grid(height, width, tile, overlap)
     weights = blend_weights(grid.tile, blend)
     return _run(image, predict, grid, weights, batch_size, out_channels, out_dtype, on_rows,
-                progress, stats)
+                progress, stats, timings)
 
 
 def _run(
@@ -301,6 +306,7 @@ def _run(
     on_rows: Callable[[int, np.ndarray], None] | None,
     progress: Callable[[int, int], None] | None,
     stats: TilingStats | None,
+    timings: Timings | None,
 ) -> np.ndarray | None:
     tile = grid.tile
     height, width = grid.height, grid.width
@@ -370,9 +376,10 @@ def _run(
     done = 0
     for start in range(0, total, batch_size):
         batch_corners = corners[start : start + batch_size]
-        batch = np.empty((len(batch_corners), tile, tile, image.shape[2]), dtype=np.uint8)
-        for i, (y, x) in enumerate(batch_corners):
-            batch[i] = cut_tile(image, y, x, tile)
+        with timed(timings, "tiles"):
+            batch = np.empty((len(batch_corners), tile, tile, image.shape[2]), dtype=np.uint8)
+            for i, (y, x) in enumerate(batch_corners):
+                batch[i] = cut_tile(image, y, x, tile)
         pred = _check_prediction(predict(batch), len(batch_corners), tile, channels)
         del batch
 
@@ -388,11 +395,12 @@ def _run(
                 stats.band_rows_max = max(stats.band_rows_max, band_rows)
                 stats.accumulator_bytes = band_sum.nbytes + band_weight.nbytes
 
-        for i, (y, x) in enumerate(batch_corners):
-            if y > band_top:
-                # A new row of tiles starts at y: nothing later touches rows above it.
-                finalise(y)
-            accumulate(pred[i], y, x)
+        with timed(timings, "blend"):
+            for i, (y, x) in enumerate(batch_corners):
+                if y > band_top:
+                    # A new row of tiles starts at y: nothing later touches rows above it.
+                    finalise(y)
+                accumulate(pred[i], y, x)
 
         done += len(batch_corners)
         if stats is not None:
@@ -401,7 +409,8 @@ def _run(
         if progress is not None:
             progress(done, total)
 
-    finalise(grid.padded_height)
+    with timed(timings, "blend"):
+        finalise(grid.padded_height)
     assert emitted == height
     return output
 

@@ -120,3 +120,15 @@ def test_doctor_cli_exit_status(bundle_copy):
     plain = subprocess.run([sys.executable, "-m", "edgederm.cli", "doctor"], capture_output=True, text=True,
                            timeout=120, cwd=REPO)
     assert plain.returncode == 0 and "mismatch" not in plain.stdout
+
+
+@pytest.mark.parametrize("release,kernel,features", [
+    ("r36.4.3-agx-orin-32gb", "arm-dot", "asimd asimddp"),  # Cortex-A78AE: ARMv8.2 dot product
+    ("r32.7.1-jetson-nano", "arm-no-dot", "asimd"),  # Cortex-A57: ARMv8.0
+])
+def test_doctor_reports_the_int8_kernel_class(release, kernel, features):
+    from edgederm.doctor import diagnose
+
+    report = diagnose(root=RECORDED / release)
+    assert report["cpu_features"] == features
+    assert report["int8_kernel_class"].startswith(f"{kernel}: ")

@@ -11,13 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..cpu import cpu_identity
 from ..errors import GraphLoadError
 from ..optional import optional_import
 from .base import Backend, TensorInfo
@@ -135,20 +135,6 @@ def cache_dir() -> Path | None:
         return Path(configured).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "edgederm"
-
-
-def cpu_identity() -> str:
-    """Machine + CPU feature flags: an ORT-optimised CPU graph may bake in the SIMD layout."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
-    except OSError:
-        flags = platform.processor()
-    return f"{platform.machine()}|{hashlib.sha256(flags.encode()).hexdigest()[:16]}"
 
 
 def optimized_cache_key(graph_sha256: str, ort_version: str, providers: list[str], threads: int | None) -> str:

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edgederm.runtime import preprocess as preprocess_module
 from edgederm.runtime.errors import InputError
 from edgederm.runtime.preprocess import (
     ColorStats,
@@ -171,6 +172,78 @@ def test_remove_hair_without_hair_returns_equal_copy() -> None:
     result = remove_hair(image)
     assert result is not image
     np.testing.assert_array_equal(result, image)
+
+
+def _hairy(height: int, width: int, seed: int, hairs: int = 12, specks: int = 40) -> np.ndarray:
+    """``_skin`` with dark hairs (curves 1-4 px wide, some leaving the image) and specks."""
+    rng = np.random.default_rng(seed)
+    image = _skin(height, width, seed=seed)
+    for _ in range(hairs):
+        points = np.cumsum(rng.normal(0, 25, (8, 2)), axis=0) + rng.uniform(-20, [width + 20, height + 20], 2)
+        cv2.polylines(image, [points.astype(np.int32)], False, (40, 28, 22), int(rng.integers(1, 5)))
+    for _ in range(specks):
+        cv2.circle(image, (int(rng.integers(0, width)), int(rng.integers(0, height))), int(rng.integers(1, 3)),
+                   (50, 35, 30), -1)
+    return image
+
+
+def _whole_image_hair_removal(image: np.ndarray) -> np.ndarray:
+    """The DullRazor steps as OpenCV gives them on the whole image: the reference."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    blackhat = cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, cv2.getStructuringElement(cv2.MORPH_CROSS, (17, 17)))
+    _, mask = cv2.threshold(blackhat, 10, 255, cv2.THRESH_BINARY)
+    return cv2.inpaint(image, mask, preprocess_module.HAIR_INPAINT_RADIUS, cv2.INPAINT_TELEA)
+
+
+@pytest.fixture()
+def split_every_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inpaint by groups whatever the image size, so small images test the split."""
+    monkeypatch.setattr(preprocess_module, "_SPLIT_MIN_PIXELS", 0)
+
+
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def opencv_threads(request: pytest.FixtureRequest):
+    previous = cv2.getNumThreads()
+    cv2.setNumThreads(request.param)
+    yield request.param
+    cv2.setNumThreads(previous)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_hair_removal_by_groups_is_the_whole_image_inpaint_bit_for_bit(seed, split_every_image, opencv_threads) -> None:
+    image = _hairy(300, 420, seed)
+    np.testing.assert_array_equal(remove_hair(image), _whole_image_hair_removal(image))
+
+
+def test_hair_groups_at_every_gap_are_inpainted_as_in_the_whole_image(split_every_image) -> None:
+    # Two strokes whose gap crosses the distance at which Telea's neighbourhoods meet
+    # (2 * radius + 1) and the grid cell, at every alignment with the cells, one of
+    # them touching the image edge.
+    base = _skin(96, 128, seed=5)
+    for gap in range(1, 24):
+        for shift in range(0, 16, 5):
+            image = base.copy()
+            top = 20 + shift
+            image[top:top + 2, 0:90] = (35, 25, 20)
+            image[top + 2 + gap:top + 4 + gap, 30:128] = (35, 25, 20)
+            np.testing.assert_array_equal(remove_hair(image), _whole_image_hair_removal(image),
+                                          err_msg=f"gap {gap}, shift {shift}")
+
+
+def test_large_image_is_inpainted_in_several_smaller_crops(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _hairy(1100, 1000, seed=7, hairs=20, specks=200)
+    calls: list[tuple[int, int]] = []
+    inpaint = cv2.inpaint
+
+    def counting(src: np.ndarray, *args: object) -> np.ndarray:
+        calls.append(src.shape[:2])
+        return inpaint(src, *args)
+
+    monkeypatch.setattr(preprocess_module.cv2, "inpaint", counting)
+    result = remove_hair(image)
+    monkeypatch.setattr(preprocess_module.cv2, "inpaint", inpaint)
+    assert len(calls) > 1 and all(h * w < image.shape[0] * image.shape[1] for h, w in calls)
+    np.testing.assert_array_equal(result, _whole_image_hair_removal(image))
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [({"kernel_size": 16}, "odd integer"), ({"threshold": 300}, "0, 254")])
