@@ -314,14 +314,9 @@ def stage_units(manifest: Any, run: dict[str, Any]) -> dict[str, int]:
 
 
 def stage_ms(manifest: Any, timings: dict[str, float]) -> dict[str, float]:
-    """Time inside each stage's graph (ms) from a Result's timings."""
-    if manifest.model.task == "segment":
-        return {manifest.stages[0].name: timings.get("inference", float("nan"))}
-    out = {}
-    for stage in manifest.stages:
-        if f"stage:{stage.name}" in timings:
-            out[stage.name] = timings[f"stage:{stage.name}"] - timings.get(f"preprocess:{stage.name}", 0.0)
-    return out
+    """Time inside each stage's graph (ms) from a Result's timings: the backend's runs of
+    the stage (``inference:<stage>``, runtime/timings.py)."""
+    return {s.name: timings[f"inference:{s.name}"] for s in manifest.stages if f"inference:{s.name}" in timings}
 
 
 def peak_kind(engine: str) -> str:
@@ -487,7 +482,7 @@ def _progress(say: Callable[[str], None], model: str, engine: str, k: int, round
 def run_zoo_bench(config: ZooBenchConfig, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Prepare, measure and summarise every model; returns the report (``--json``)."""
     from edgederm.bench import matmul_peaks
-    from edgederm.doctor import _cpu_flags
+    from edgederm.runtime.cpu import this_cpu
     from edgederm.runtime.bundle import read_manifest
 
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -498,7 +493,7 @@ def run_zoo_bench(config: ZooBenchConfig, say: Callable[[str], None] | None = No
     calib = calibration_folder(config, say)
     report: dict[str, Any] = {
         "command": "edgederm bench --all-models", "threads": config.threads, "rounds": config.rounds,
-        "seed": config.seed, "cpu_features": _cpu_flags(),
+        "seed": config.seed, "cpu_features": this_cpu().describe(),
         "calibration": {"images": config.calib_images, "held_out": config.calib_eval_images,
                         "size": config.calib_size, "note": "a small seeded synthetic set, for time; quantize "
                         "recommends 32+ images"},
