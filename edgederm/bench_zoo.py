@@ -246,8 +246,10 @@ def benchmark_inputs(name: str, manifest: Any, config: ZooBenchConfig) -> dict[s
 # --------------------------------------------------------------------------- same weights, FLOPs
 
 
-def weights_check(checkpoint: Path, manifest: Any, inputs: dict[str, Any], threads: int) -> dict[str, float]:
-    """Max |torch - fp32 graph| per stage: the first stage on one real tile/window of the
+def weights_check(checkpoint: Path, manifest: Any, inputs: dict[str, Any],
+                  threads: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Max |torch - fp32 graph| per stage, absolute and relative to max |fp32 graph| (the
+    measure of the export's parity check): the first stage on one real tile/window of the
     benchmark image, later stages on their export example inputs (batch 1)."""
     import torch
 
@@ -262,6 +264,7 @@ def weights_check(checkpoint: Path, manifest: Any, inputs: dict[str, Any], threa
     image = read_image(inputs["dermoscopy"])
     config = manifest.preprocess
     diffs: dict[str, float] = {}
+    relative: dict[str, float] = {}
     for k, stage in enumerate(manifest.stages):
         export = modules[stage.name]
         feed = {n: t.numpy() for n, t in export.inputs.items()}
@@ -288,7 +291,8 @@ def weights_check(checkpoint: Path, manifest: Any, inputs: dict[str, Any], threa
             got = export.module(*(torch.from_numpy(np.asarray(feed[n])) for n in export.inputs))
         got = got if isinstance(got, (tuple, list)) else (got,)
         diffs[stage.name] = float(max(np.abs(g.float().numpy() - e).max() for g, e in zip(got, expected)))
-    return diffs
+        relative[stage.name] = diffs[stage.name] / (float(max(np.abs(e).max() for e in expected)) + 1e-12)
+    return diffs, relative
 
 
 def stage_flops(manifest: Any) -> dict[str, float | None]:
@@ -541,9 +545,10 @@ def _bench_model(name: str, checkpoint: Path, bundle: Path, manifest: Any, confi
     entry["flops_per_unit"] = stage_flops(manifest)
     say(f"{name}: same-weights check (torch vs the fp32 graph)")
     try:
-        entry["weights_max_abs_diff"] = weights_check(checkpoint, manifest, inputs, config.threads)
+        entry["weights_max_abs_diff"], entry["weights_max_rel_diff"] = weights_check(checkpoint, manifest, inputs,
+                                                                                      config.threads)
     except Exception as exc:
-        entry["weights_max_abs_diff"] = None
+        entry["weights_max_abs_diff"] = entry["weights_max_rel_diff"] = None
         entry["weights_check_error"] = f"{type(exc).__name__}: {exc}"
     entry["fidelity"] = {p: _fidelity(manifest, p) for p in manifest.precisions() if p != "fp32"}
     engines = [f"edgederm:{p}" for p in ["fp32", *[p for p in manifest.precisions() if p != "fp32"]]]
@@ -752,8 +757,10 @@ def format_zoo_report(report: dict[str, Any]) -> str:
         if inputs.get("metadata"):
             what += " + metadata"
         diffs = entry.get("weights_max_abs_diff") or {}
+        relative = entry.get("weights_max_rel_diff") or {}
         lines.append(f"== {entry['model']} ({entry['task']}; {what}); same weights: max |torch - fp32 graph| "
-                     + (", ".join(f"{k} {v:.1e}" for k, v in diffs.items()) or entry.get("weights_check_error", "-")))
+                     + (", ".join(f"{k} {v:.1e} ({relative[k]:.1e} relative)" for k, v in diffs.items())
+                        or entry.get("weights_check_error", "-")))
         header = (f"{'engine':<22} {'latency s':>9} {'min s':>7} {'n':>2} {'first s':>8} {'peak MiB':>8} "
                   f"{'decision':>9} {'quant fid':>9} {'vs torch32':>10}  stages (ms, achieved G/s, % of peak)")
         lines += [header, "-" * len(header)]
