@@ -57,7 +57,8 @@ from edgederm.metrics import dice_score
 from edgederm.runtime.backends.base import Backend, TensorInfo
 from edgederm.runtime.bundle import Stage
 
-__all__ = ["BenchConfig", "run_bench", "matmul_peak", "count_graph_flops", "format_report", "plot_report"]
+__all__ = ["BenchConfig", "run_bench", "matmul_peak", "matmul_peaks", "count_graph_flops", "format_report", "plot_report",
+           "TorchStageBackend"]
 
 ENGINES = ("edgederm", "torch", "monai")
 
@@ -92,30 +93,107 @@ def matmul_peak(threads: int | None = None, n: int = 2048, repeats: int = 5) -> 
     out: dict[str, Any] = {"n": n, "threads": threads, "numpy_gflops": flops / best / 1e9,
                            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
     try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
-            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-             helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        model.ir_version = min(model.ir_version, 10)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        feed = {"a": a, "b": b}
-        session.run(None, feed)
-        best_ort = min(_timed(lambda: session.run(None, feed)) for _ in range(repeats))
+        best_ort = _ort_matmul_seconds("float32", "float32", n, threads, repeats)
         out["onnxruntime_gflops"] = flops / best_ort / 1e9
-        del onnx
     except ImportError:
         out["onnxruntime_gflops"] = None
     out["peak_gflops"] = max(v for v in (out["numpy_gflops"], out["onnxruntime_gflops"]) if v is not None)
+    return out
+
+
+def _ort_matmul_seconds(a_type: str, b_type: str, n: int, threads: int, repeats: int) -> float:
+    """Best seconds of one ``n x n`` ONNX Runtime MatMul (float) or MatMulInteger (8-bit).
+
+    The 8-bit product takes B as a constant, as a quantized graph's weights are (ONNX
+    Runtime packs constant B once, at session start); the float one feeds both.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgederm.runtime.backends.onnxruntime import cpu_session
+
+    rng = np.random.default_rng(0)
+    types = {"float32": TensorProto.FLOAT, "uint8": TensorProto.UINT8, "int8": TensorProto.INT8}
+
+    def sample(dtype: str) -> np.ndarray:
+        if dtype == "float32":
+            return rng.standard_normal((n, n), dtype=np.float32)
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max + 1, (n, n)).astype(dtype)
+
+    a, b = sample(a_type), sample(b_type)
+    inputs = [helper.make_tensor_value_info("a", types[a_type], [n, n])]
+    if a_type == "float32":
+        node, out_type, initializers = helper.make_node("MatMul", ["a", "b"], ["c"]), TensorProto.FLOAT, []
+        inputs.append(helper.make_tensor_value_info("b", types[b_type], [n, n]))
+        feed = {"a": a, "b": b}
+    else:
+        node, out_type = helper.make_node("MatMulInteger", ["a", "b"], ["c"]), TensorProto.INT32
+        initializers = [numpy_helper.from_array(b, "b")]
+        feed = {"a": a}
+    graph = helper.make_graph([node], "mm", inputs, [helper.make_tensor_value_info("c", out_type, [n, n])],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = min(model.ir_version, 10)
+    session = cpu_session(model, threads)
+    session.run(None, feed)
+    return min(_timed(lambda: session.run(None, feed)) for _ in range(repeats))
+
+
+def matmul_peaks(threads: int | None = None, n: int = 2048, repeats: int = 5) -> dict[str, Any]:
+    """This machine's matrix-multiply peaks per precision (2 operations per multiply-add).
+
+    * ``fp32``: the best of :func:`matmul_peak` (numpy's BLAS, ONNX Runtime's MLAS) and
+      ``torch.matmul`` (oneDNN/MKL), so no engine's fraction is taken of a slow library's peak.
+    * ``bf16``: ``torch.matmul`` of bfloat16 matrices (oneDNN; AVX-512 BF16 or AMX where
+      the CPU has them, emulated otherwise).
+    * ``int8``: the faster of ONNX Runtime ``MatMulInteger`` u8s8 and s8s8 (MLAS: VNNI
+      where the CPU has it) and ``torch._int_mm`` s8s8; ``int8_path`` says which.
+
+    ``R`` is int8 / fp32: what an INT8 graph could gain over fp32 if it were all matmul.
+    """
+    threads = threads or min(2, os.cpu_count() or 1)
+    flops = 2.0 * n**3
+    fp32 = matmul_peak(threads, n, repeats)
+    out: dict[str, Any] = {"n": n, "threads": threads, "fp32": fp32, "fp32_gflops": fp32["peak_gflops"]}
+    int8: dict[str, float | str] = {}
+    for name, a_type in (("onnxruntime_matmulinteger_u8s8", "uint8"), ("onnxruntime_matmulinteger_s8s8", "int8")):
+        try:
+            int8[name] = flops / _ort_matmul_seconds(a_type, "int8", n, threads, repeats) / 1e9
+        except Exception as exc:  # an ORT build without this kernel: say so, measure the others
+            int8[name] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+    try:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(n, n, generator=gen).to(torch.bfloat16)
+            y = torch.randn(n, n, generator=gen).to(torch.bfloat16)
+            torch.matmul(x, y)
+            out["bf16_gflops"] = flops / min(_timed(lambda: torch.matmul(x, y)) for _ in range(repeats)) / 1e9
+            out["bf16_path"] = "torch.matmul bfloat16"
+            xf, yf = x.float(), y.float()
+            torch.matmul(xf, yf)
+            fp32["torch_gflops"] = flops / min(_timed(lambda: torch.matmul(xf, yf)) for _ in range(repeats)) / 1e9
+            out["fp32_gflops"] = max(fp32["peak_gflops"], fp32["torch_gflops"])
+            try:
+                xi = torch.randint(-128, 128, (n, n), generator=gen, dtype=torch.int8)
+                yi = torch.randint(-128, 128, (n, n), generator=gen, dtype=torch.int8)
+                torch._int_mm(xi, yi)
+                int8["torch_int_mm_s8s8"] = flops / min(_timed(lambda: torch._int_mm(xi, yi))
+                                                        for _ in range(repeats)) / 1e9
+            except Exception as exc:  # not every torch build has a CPU _int_mm
+                int8["torch_int_mm_s8s8"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            torch.set_num_threads(before)
+    except ImportError:
+        out["bf16_gflops"], out["bf16_path"] = None, "torch is not installed"
+    measured = {k: v for k, v in int8.items() if isinstance(v, float)}
+    out["int8_paths"] = int8
+    out["int8_path"] = max(measured, key=lambda k: measured[k]) if measured else None
+    out["int8_gops"] = max(measured.values()) if measured else None
+    out["R"] = out["int8_gops"] / out["fp32_gflops"] if out["int8_gops"] else None
     return out
 
 
@@ -192,22 +270,28 @@ def _load_torch_model(checkpoint: str | None, factory: str | None = None) -> Any
     return model.eval()
 
 
-class _TorchBackend(Backend):
-    """A stage run by PyTorch eager (the bench's peer), behind the runtime's backend interface."""
+class TorchStageBackend(Backend):
+    """A stage run by PyTorch (the benchmarks' peer), behind the runtime's backend interface.
+
+    ``bf16``: under ``torch.autocast("cpu", bfloat16)``; outputs come back as float32,
+    the dtype the bundle's graphs return, so the pipeline after the stage is the same.
+    """
 
     name = "torch"
 
-    def __init__(self, module: Any, stage: Stage) -> None:
+    def __init__(self, module: Any, stage: Stage, bf16: bool = False) -> None:
         self.module = module
+        self.bf16 = bf16
         self._inputs = [TensorInfo(s.name, s.shape, s.dtype) for s in stage.inputs]
         self._outputs = [TensorInfo(s.name, s.shape, s.dtype) for s in stage.outputs]
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             out = self.module(*(torch.from_numpy(feed[i.name]) for i in self._inputs))
-        return {self._outputs[0].name: out.numpy()}
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {info.name: t.float().numpy() for info, t in zip(self._outputs, outs)}
 
 
 def _weights_check(torch_module: Any, manifest: Any, stage: Any, x: np.ndarray) -> float:
@@ -276,7 +360,7 @@ def _worker(args: dict[str, Any]) -> dict[str, Any]:
                 from edgederm.runtime.memory import plan
                 from edgederm.runtime.pipeline import Pipeline
 
-                backend = _TorchBackend(model, stage)
+                backend = TorchStageBackend(model, stage)
                 pipeline = Pipeline(manifest, {stage.name: backend},
                                     lambda h, w: dataclasses.replace(plan(manifest, None, h, w), batch_size=batch))
                 pipeline.segment(np.ascontiguousarray(image[:tile, :tile]), {})
@@ -481,11 +565,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Latency and peak memory against megapixels, one line per engine (PNG, atomic)."""
-    from edgederm.runtime.optional import optional_import
-
-    matplotlib = optional_import("matplotlib", "edgederm bench --plot")
-    matplotlib.use("Agg")
-    plt = optional_import("matplotlib.pyplot", "edgederm bench --plot")
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     engines = sorted({r["engine"] for r in report["results"] if "error" not in r})
     for engine in engines:
@@ -500,11 +580,26 @@ def plot_report(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{report['model']} ({report['task']}), {report['threads']} threads")
-    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (the benchmarks' plots)."""
+    from edgederm.runtime.optional import optional_import
+
+    matplotlib = optional_import("matplotlib", "edgederm bench --plot")
+    matplotlib.use("Agg")
+    return optional_import("matplotlib.pyplot", "edgederm bench --plot")
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``fig`` as a PNG atomically (nothing half-written is left) and close it."""
     from edgederm.runtime.bundle import write_bytes_atomic
 
+    plt = pyplot()
     png = io.BytesIO()
     try:
+        fig.tight_layout()
         fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)

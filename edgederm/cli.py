@@ -303,6 +303,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from edgederm.bench import BenchConfig, format_report, parse_sizes, plot_report, run_bench
 
+    if args.all_models or args.models:
+        return _bench_models(args)
+    if args.bundle is None and isinstance(args.json, Path):  # `bench --json BUNDLE`: the flag takes no path here
+        args.bundle, args.json = args.json, True
+    if args.bundle is None:
+        from edgederm.runtime.errors import InputError
+
+        raise InputError("edgederm bench needs a BUNDLE folder, or --all-models / --models a,b to benchmark zoo models")
     if args.trusted_key:  # the benchmark's workers load the bundle themselves: check it once, first
         from edgederm.runtime.signing import verify_bundle
 
@@ -320,6 +328,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _print_json(report)
     else:
         print(format_report(report))
+    return 0
+
+
+def _bench_models(args: argparse.Namespace) -> int:
+    """``edgederm bench --all-models`` / ``--models a,b``: edgederm/bench_zoo.py."""
+    from edgederm.bench_zoo import DEFAULT_MODELS, ZooBenchConfig, format_zoo_report, parse_models, \
+        parse_torch_engines, plot_zoo_report, run_zoo_bench
+    from edgederm.runtime.bundle import write_json_atomic
+
+    config = ZooBenchConfig(work=args.work, models=parse_models(args.models) if args.models else DEFAULT_MODELS,
+                            rounds=args.rounds, size=args.size, calib_images=args.calib_images,
+                            cold_start=not args.no_cold_start, threads=args.threads or 2,
+                            torch_engines=parse_torch_engines(args.torch_engines),
+                            precisions=[] if args.quantize == "none" else [p.strip() for p in args.quantize.split(",")])
+    report = run_zoo_bench(config)
+    if args.plot:
+        plot_zoo_report(report, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    if isinstance(args.json, Path):
+        write_json_atomic(args.json, report)
+        print(f"report written to {args.json}", file=sys.stderr)
+    print(format_zoo_report(report))
     return 0
 
 
@@ -721,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Benchmark BUNDLE on synthetic images of each --sizes side; each size and engine in its own "
                                    "process (honest peak RSS). Peers (torch eager; MONAI sliding_window_inference for "
                                    "segmenters) need the same weights: --checkpoint CKPT.")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, nargs="?", help="the bundle (not with --all-models / --models)")
     p.add_argument("--sizes", default="1024,2048,4096", help="comma-separated image sides in pixels (default 1024,2048,4096)")
     p.add_argument("--checkpoint", type=Path, default=None, help="training checkpoint of the bundle's model (for the torch/MONAI peers)")
     p.add_argument("--torch-model", default=None, metavar="MODULE:CALLABLE",
@@ -730,7 +760,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(p, backend=False)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every engine (default: min(2, cores))")
     p.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write latency and memory against megapixels")
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--json", nargs="?", const=True, default=None, type=Path, metavar="PATH",
+                   help="print the full report as JSON (--all-models: write it to PATH)")
+    p.add_argument("--all-models", action="store_true",
+                   help="every zoo family at paper size with seeded weights, SDK precisions vs PyTorch eager/bf16/"
+                        "compile, whole pipeline, round robin; matmul peaks and cold start (docs/benchmarks.md)")
+    p.add_argument("--models", default=None, metavar="A,B", help="with or instead of --all-models: these registered models")
+    p.add_argument("--work", type=Path, default=Path("bench-work"),
+                   help="--all-models: folder for checkpoints, bundles, inputs (reused when they match; default bench-work)")
+    p.add_argument("--rounds", type=int, default=3, help="--all-models: timed rounds per engine (median; default 3)")
+    p.add_argument("--size", type=int, default=None, help="--all-models: dermoscopy side for every model (default: per model)")
+    p.add_argument("--calib-images", type=int, default=4, help="--all-models: calibration images for quantize (default 4)")
+    p.add_argument("--torch-engines", default="torch:fp32,torch:bf16,torch:compile",
+                   help="--all-models: the PyTorch peers (default torch:fp32,torch:bf16,torch:compile; none for none)")
+    p.add_argument("--quantize", default="int8,int8_dynamic", choices=["int8,int8_dynamic", "int8", "int8_dynamic", "none"], metavar="P,Q|none",
+                   help="--all-models: precisions `quantize` adds when the cached bundle lacks them (none: benchmark "
+                        "what the bundles hold)")
+    p.add_argument("--no-cold-start", action="store_true", help="--all-models: skip the cold-start processes")
     _add_trusted_key(p)
     p.set_defaults(func=cmd_bench)
 

@@ -64,6 +64,11 @@ class DeployedModel:
     ``graph_overrides`` (stage -> ONNX file) runs other graphs than the bundle's for
     ``precision`` (the quantizer evaluates candidate graphs this way); they are not
     in the manifest, so they bypass the optimised-graph cache.
+
+    ``stage_backends`` (stage -> :class:`Backend`) runs those backends in place of the
+    bundle's graphs, reported as ``precision``: the decode, stage pipeline and review
+    stay the runtime's, so a benchmark's PyTorch peer differs from the runtime only in
+    what runs the stages (nothing of the bundle's graphs is opened).
     """
 
     #: Pixels an image file may declare in ``predict_file`` (larger: reduced decoding or a refusal).
@@ -73,7 +78,8 @@ class DeployedModel:
                  threads: int | None = None, memory_budget: int | str | None = None,
                  cache: bool = True, plan_image_size: int | tuple[int, int] = 2048,
                  graph_overrides: Mapping[str, str | os.PathLike[str]] | None = None, key_provider: Any = None,
-                 target: str | TargetProfile | None = None) -> None:
+                 target: str | TargetProfile | None = None,
+                 stage_backends: Mapping[str, Backend] | None = None) -> None:
         self.manifest = manifest
         self.key_provider = key_provider  # decrypts encrypted graphs (runtime/crypto.py)
         self.signature: Any = None  # runtime.signing.SignatureInfo when keys were pinned at load
@@ -87,7 +93,16 @@ class DeployedModel:
         self.last_run: dict[str, Any] = {}  # tiles, batch size, plan of the latest predict (benchmarks read it)
         self.cache_hits: dict[str, bool] = {}
         start = time.perf_counter()
-        choice, engine_backends = self._choose(backend, precision, graph_overrides)
+        if stage_backends is not None:
+            missing = [s.name for s in manifest.stages if s.name not in stage_backends]
+            if missing or precision == "auto":
+                raise BundleError(f"stage_backends must give a backend for every stage ({missing} missing) and come "
+                                  f"with an explicit precision (got {precision!r})")
+            names = sorted({b.name for b in stage_backends.values()})
+            choice = Choice("+".join(names), (), precision)
+            engine_backends: Mapping[str, Backend] | None = dict(stage_backends)
+        else:
+            choice, engine_backends = self._choose(backend, precision, graph_overrides)
         self.backend_name, self.precision = choice.backend, choice.precision
         # Temperature and review thresholds of the graph that runs (refitted per precision by quantize);
         # candidate graphs (overrides) have none of their own yet and are judged at the fp32 values.

@@ -72,6 +72,35 @@ def test_bench_against_torch_and_monai_on_the_same_weights(segmenter_bundle, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_torch_stages_run_the_runtime_pipeline(segmenter_bundle):
+    """A model whose stages run on PyTorch (the benchmarks' peers) goes through the same
+    decode, tiling and blending as the bundle's graphs: the same mask, probabilities within
+    float rounding; a backend missing for a stage is refused with the stage named."""
+    from edgederm.bench import TorchStageBackend
+    from edgederm.data.synthetic import generate_case
+    from edgederm.runtime import load
+    from edgederm.runtime.errors import BundleError
+    from edgederm.runtime.model import DeployedModel
+    from tests.tiny_models import ConvSegmenter
+
+    manifest = read_manifest(segmenter_bundle)
+    stage = manifest.stages[0]
+    image = generate_case(seed=4, size=150).image
+    ours = load(segmenter_bundle, precision="fp32").predict(dermoscopy=image)
+    for bf16 in (False, True):
+        peer = DeployedModel(manifest, precision="fp32",
+                             stage_backends={stage.name: TorchStageBackend(ConvSegmenter(kernel=3).eval(), stage, bf16)})
+        theirs = peer.predict(dermoscopy=image)
+        assert theirs.backend == "torch" and theirs.precision == "fp32" and theirs.mask.shape == image.shape[:2]
+        assert theirs.heatmap.dtype == np.float32
+        tolerance = 0.05 if bf16 else 1e-5  # bf16 keeps 8 bits of mantissa
+        assert np.abs(theirs.heatmap - ours.heatmap).max() < tolerance
+        if not bf16:
+            assert np.array_equal(theirs.mask, ours.mask)
+    with pytest.raises(BundleError, match=r"every stage \(\['segmenter'\] missing\)"):
+        DeployedModel(manifest, precision="fp32", stage_backends={})
+
+
 def test_cli_bench_without_peers_says_why_and_prints_json(segmenter_bundle, capsys):
     from edgederm.cli import main
 
