@@ -596,9 +596,74 @@ def float_unfused_convs(model: Any, float_model: Any) -> list[str]:
     Such a Conv runs in float anyway. Its input keeps reading its DequantizeLinear, so
     the Conv upstream still fuses (an SE block's second Conv would otherwise pull the
     first one out of int8)."""
-    from .sensitivity import return_to_float
-
     names = unfused_convs(model)
     if names:
         model.CopyFrom(return_to_float(model, float_model, names, weights_only=True))
     return names
+
+
+def return_to_float(qdq_model: Any, float_model: Any, nodes: Sequence[str], weights_only: bool = False) -> Any:
+    """A copy of ``qdq_model`` with ``nodes`` computing in float (the node fallback that
+    calibration/sensitivity.py describes).
+
+    ``weights_only``: only weights and biases return to float; activations keep reading
+    their DequantizeLinear, so the node that produced them stays int8."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(qdq_model)
+    graph = model.graph
+    wanted = set(nodes)
+    producers = {out: node for node in graph.node for out in node.output}
+    have_init = {i.name for i in graph.initializer}
+    float_nodes = {n.name: n for n in float_model.graph.node}
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    for node in graph.node:
+        if node.name not in wanted:
+            continue
+        reference = float_nodes.get(node.name)
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                if not weights_only:
+                    node.input[i] = q.input[0]  # activation: the float tensor before Q
+                continue
+            # weight / bias: the float initializer of the fp32 graph
+            if reference is None or i >= len(reference.input) or reference.input[i] not in float_inits:
+                raise ValueError(f"cannot return {node.name!r} input {i} to float: no float initializer for it in the "
+                                 "fp32 reference graph (was the graph prepared differently?)")
+            source = reference.input[i]
+            # ORT gives a bias's DequantizeLinear output the bias's own name: the float
+            # copy then needs a name of its own.
+            target = f"{source}__float" if source in producers else source
+            if target not in have_init:
+                init = onnx.TensorProto()
+                init.CopyFrom(float_inits[source])
+                init.name = target
+                graph.initializer.append(init)
+                have_init.add(target)
+            node.input[i] = target
+    if not weights_only:
+        _float_conv_readers(graph, wanted)
+    remove_unused(model)
+    return model
+
+
+def _float_conv_readers(graph: Any, floated: set[str]) -> None:
+    """Non-quantized readers of a floated Conv's int8 output (a residual Add, a SiLU) read
+    it in float again: they read it through Q/DQ only so that the Conv could fuse."""
+    outputs = {out for node in graph.node if node.name in floated and node.op_type == "Conv" for out in node.output}
+    outputs |= {node.output[0] for node in graph.node if node.op_type in CONV_ACTIVATIONS and node.input
+                and node.input[0] in outputs}
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type in QUANTIZED_OPS:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producers.get(name)
+            q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in outputs:
+                node.input[i] = q.input[0]
