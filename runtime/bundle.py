@@ -285,6 +285,8 @@ class Manifest:
     encryption: Encryption | None = None
     format_version: int = FORMAT_VERSION
     verified: Mapping[str, str] = field(default_factory=dict)  # file -> sha256 of the bytes checked
+    # Graph files whose check waits until a stage opens them (read_manifest(defer_graphs=True)).
+    deferred: frozenset[str] = frozenset()
     data: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def precisions(self) -> list[str]:
@@ -650,8 +652,40 @@ def _load_json(path: Path) -> Any:
         raise ManifestError(MANIFEST, "JSON nested deeper than Python can parse", "a manifest written by export") from exc
 
 
-def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manifest:
-    """Parse ``manifest.json`` and (by default) verify every listed file's sha256."""
+def check_file(root: Path, name: str, expected: str) -> str:
+    """The sha256 of bundle file ``name``, refused (BundleIntegrityError) unless it is ``expected``."""
+    file_path = resolve_inside(root, name)
+    if not file_path.is_file():
+        raise BundleIntegrityError(f"bundle file {name!r} is missing from {root}")
+    actual = sha256_file(file_path)
+    if actual != expected:
+        raise BundleIntegrityError(
+            f"bundle file {name!r} does not match its manifest sha256 (expected {expected}, "
+            f"got {actual}): the file was changed or corrupted; re-export or re-copy the bundle"
+        )
+    return actual
+
+
+def verified_graph(manifest: Manifest, name: str) -> str | None:
+    """The checked sha256 of graph file ``name``: checked now if its check was deferred
+    (None when the manifest was read without verification)."""
+    if name in manifest.verified:
+        return manifest.verified[name]
+    if name not in manifest.deferred:
+        return None
+    digest = check_file(manifest.root, name, manifest.files[name].sha256)
+    manifest.verified[name] = digest  # type: ignore[index]  # the dict read_manifest made
+    return digest
+
+
+def read_manifest(bundle: str | os.PathLike[str], verify: bool = True, defer_graphs: bool = False) -> Manifest:
+    """Parse ``manifest.json`` and (by default) verify every listed file's sha256.
+
+    ``defer_graphs``: stage graphs are checked when a stage opens them
+    (:func:`verified_graph`), not here: a bundle holding fp32, int8 and int8_dynamic
+    graphs of a paper-size model is ~0.5 GB, of which a load runs one precision. Every
+    other file is checked here; every graph is still checked before it runs.
+    """
     root = Path(bundle)
     if not root.is_dir():
         raise BundleError(f"bundle {str(root)!r} is not a directory; expected a folder written by `edgederm export`")
@@ -659,18 +693,14 @@ def read_manifest(bundle: str | os.PathLike[str], verify: bool = True) -> Manife
     if not os.path.lexists(path):
         raise BundleError(f"{str(root)!r} has no {MANIFEST}: not a bundle, or an export that did not finish")
     manifest = parse_manifest(_load_json(path), root)
+    if not verify:
+        return manifest
+    graphs = {g.file for stage in manifest.stages for g in stage.graphs.values()} if defer_graphs else set()
     verified: dict[str, str] = {}
     for name, entry in manifest.files.items():
-        if not verify:
-            break
-        file_path = resolve_inside(root, name)
-        if not file_path.is_file():
-            raise BundleIntegrityError(f"bundle file {name!r} is missing from {root}")
-        actual = sha256_file(file_path)
-        if actual != entry.sha256:
-            raise BundleIntegrityError(
-                f"bundle file {name!r} does not match its manifest sha256 (expected {entry.sha256}, "
-                f"got {actual}): the file was changed or corrupted; re-export or re-copy the bundle"
-            )
-        verified[name] = actual
-    return dataclasses.replace(manifest, verified=verified)
+        if name in graphs:
+            if not resolve_inside(root, name).is_file():
+                raise BundleIntegrityError(f"bundle file {name!r} is missing from {root}")
+            continue
+        verified[name] = check_file(root, name, entry.sha256)
+    return dataclasses.replace(manifest, verified=verified, deferred=frozenset(graphs & set(manifest.files)))

@@ -38,7 +38,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .backends.remote import SCHEME as REMOTE_SCHEME
-from .bundle import Clinical, Manifest, read_manifest, resolve_inside
+from .bundle import Clinical, Manifest, read_manifest, resolve_inside, verified_graph
 from .errors import BundleError, InputError, MissingDependencyError
 from .imageio import DEFAULT_MAX_PIXELS, as_rgb_uint8, read_image_within
 from .memory import MemoryPlan, parse_size, plan
@@ -230,6 +230,8 @@ class DeployedModel:
             return RemoteBackend(choice.backend, f"{safe_model_name(self.manifest.model.name or 'model')}_{name}", stage)
         from .crypto import decrypted_graph
 
+        if not (overrides and name in overrides) and choice.precision in stage.graphs:
+            verified_graph(self.manifest, stage.graphs[choice.precision].file)  # before a byte of it is parsed
         plaintext = decrypted_graph(self.manifest, stage, choice.precision, self.key_provider)
         if plaintext is not None:  # decrypted in memory only; an optimised-graph cache would be plaintext on disk
             return open_cached(plaintext, None, list(choice.providers), threads, None)[0]
@@ -443,7 +445,7 @@ def load(bundle: str | os.PathLike[str], backend: str = "auto", precision: str =
     from .trust import after_load, before_load
 
     signature = before_load(bundle, trusted_keys)
-    manifest = read_manifest(Path(bundle), verify=verify)
+    manifest = read_manifest(Path(bundle), verify=verify, defer_graphs=True)
     model = DeployedModel(manifest, backend=backend, precision=precision, threads=threads, memory_budget=memory_budget,
                           cache=cache, plan_image_size=plan_image_size, graph_overrides=graph_overrides,
                           key_provider=key_provider, target=target)

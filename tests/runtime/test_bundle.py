@@ -36,6 +36,27 @@ def test_one_changed_byte_is_refused_naming_the_file(bundle_copy):
         load(bundle_copy)
 
 
+def test_a_graph_is_checked_before_it_runs_not_before_another_precision_does(bundle_copy):
+    # load() checks a stage graph when it opens it (a paper-size bundle holds ~0.5 GB of
+    # graphs, one precision of which runs); every other file, and `read_manifest`, still
+    # check everything.
+    int8 = next(name for name in read_manifest(bundle_copy).files if ".int8." in name)
+    data = bytearray((bundle_copy / int8).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bundle_copy / int8).write_bytes(bytes(data))
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    model = load(bundle_copy, precision="fp32", cache=False)
+    assert model.manifest.deferred and int8 not in model.manifest.verified
+    assert model.predict(image).label
+    with pytest.raises(BundleIntegrityError, match=rf"{int8.replace('.', '[.]')}.*does not match its manifest sha256"):
+        load(bundle_copy, precision="int8", cache=False)
+    with pytest.raises(BundleIntegrityError, match="does not match its manifest sha256"):
+        read_manifest(bundle_copy)
+    (bundle_copy / int8).unlink()
+    with pytest.raises(BundleIntegrityError, match="is missing"):
+        load(bundle_copy, precision="fp32", cache=False)  # a missing graph is still refused at once
+
+
 @pytest.mark.parametrize("bad", ["../x.onnx", "/etc/passwd", "sub/../../x.onnx"])
 def test_manifest_path_outside_bundle_is_refused(bundle_copy, bad):
     def edit(data):
