@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .backends.base import Backend
-from .bundle import Manifest
+from .bundle import Manifest, verified_graph
 from .cache_entry import read_entry, write_entry
 from .pipeline import Pipeline, Planner, Request
 
@@ -134,7 +134,8 @@ def cpu_speedups(manifest: Manifest, candidates: Sequence[str], threads: int | N
     recorded = recorded_speedups(manifest, candidates, cpu)
     if recorded is not None:
         return recorded, "measured on this CPU at quantize time"
-    shas = [manifest.verified.get(s.graphs[p].file) for p in (REFERENCE, *candidates) for s in manifest.stages]
+    # (every compared graph is checked here: the cache is keyed by checked bytes only)
+    shas = [verified_graph(manifest, s.graphs[p].file) for p in (REFERENCE, *candidates) for s in manifest.stages]
     key = cache_key([s for s in shas if s], ort.__version__, cpu, session_options_id(threads)) \
         if folder is not None and all(shas) else None
     if key is not None and folder is not None:
