@@ -49,6 +49,10 @@ def _worker(rank: int, world: int, port: int, data, out: str) -> None:
                  rank_samples=report["rank_samples"],
                  **{k: v.numpy() for k, v in model.state_dict().items()})
     finally:
+        # Both ranks reach the end before either tears its group down: a rank that exits
+        # while the other is still inside gloo can abort it (seen once: SIGABRT, "terminate
+        # called without an active exception" in rank 1).
+        dist.barrier()
         dist.destroy_process_group()
 
 
