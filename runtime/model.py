@@ -230,16 +230,17 @@ class DeployedModel:
             return RemoteBackend(choice.backend, f"{safe_model_name(self.manifest.model.name or 'model')}_{name}", stage)
         from .crypto import decrypted_graph
 
-        if not (overrides and name in overrides) and choice.precision in stage.graphs:
-            verified_graph(self.manifest, stage.graphs[choice.precision].file)  # before a byte of it is parsed
+        overridden = bool(overrides and name in overrides)
+        # The bundle's graph is checked before a byte of it is parsed (decrypted or not).
+        verified = None if overridden or choice.precision not in stage.graphs else \
+            verified_graph(self.manifest, stage.graphs[choice.precision].file)
         plaintext = decrypted_graph(self.manifest, stage, choice.precision, self.key_provider)
         if plaintext is not None:  # decrypted in memory only; an optimised-graph cache would be plaintext on disk
             return open_cached(plaintext, None, list(choice.providers), threads, None)[0]
-        if overrides and name in overrides:
-            graph, verified, folder = resolve_inside(self.manifest.root, str(overrides[name])), None, None
+        if overrides and overridden:
+            graph, folder = resolve_inside(self.manifest.root, str(overrides[name])), None
         else:
             graph = self.manifest.graph_path(stage, choice.precision)
-            verified = self.manifest.verified.get(stage.graphs[choice.precision].file)
             folder = cache_dir() if cache else None
         backend, hit = open_cached(graph, verified, list(choice.providers), threads, folder)
         if hit is not None:
